@@ -1,0 +1,130 @@
+"""The model zoo. Every model is built from a small JSON-able spec, so a checkpoint is
+`{"spec": dict, "state_dict": tensors, "meta": dict}` and loads with `torch.load(weights_only=True)`:
+no pickled code is ever executed.
+
+Every model takes a flat float32 batch `[N, in_features]`; the CNN reshapes it to an image itself,
+so every runtime (eager, bf16, ONNX Runtime) shares one input contract.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+MODEL_KINDS = ("mlp", "cnn")
+
+
+class MLP(nn.Module):
+    def __init__(self, in_features: int, hidden: list[int], num_classes: int, dropout: float = 0.0):
+        super().__init__()
+        layers: list[nn.Module] = []
+        width = in_features
+        for h in hidden:
+            layers += [nn.Linear(width, h), nn.ReLU()]
+            if dropout:
+                layers.append(nn.Dropout(dropout))
+            width = h
+        layers.append(nn.Linear(width, num_classes))
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+class SmallCNN(nn.Module):
+    """Two 3x3 conv blocks and a 2-layer head, for small square single-channel images."""
+
+    def __init__(self, in_features: int, channels: list[int], hidden: int, num_classes: int):
+        super().__init__()
+        side = math.isqrt(in_features)
+        if side * side != in_features:
+            raise ValueError(f"cnn needs a square image: in_features={in_features} is not a square")
+        self.side = side
+        convs: list[nn.Module] = []
+        c_in = 1
+        for c in channels:
+            convs += [nn.Conv2d(c_in, c, kernel_size=3, padding=1), nn.ReLU()]
+            c_in = c
+        convs.append(nn.MaxPool2d(2))
+        self.features = nn.Sequential(*convs)
+        flat = c_in * (side // 2) ** 2
+        self.head = nn.Sequential(nn.Flatten(), nn.Linear(flat, hidden), nn.ReLU(), nn.Linear(hidden, num_classes))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x.reshape(-1, 1, self.side, self.side)))
+
+
+def default_spec(kind: str, in_features: int = 64, num_classes: int = 10) -> dict[str, Any]:
+    if kind == "mlp":
+        return {"kind": "mlp", "in_features": in_features, "hidden": [128, 64], "num_classes": num_classes}
+    if kind == "cnn":
+        return {"kind": "cnn", "in_features": in_features, "channels": [16, 32], "hidden": 64,
+                "num_classes": num_classes}
+    raise ValueError(f"unknown model kind {kind!r}; allowed: {', '.join(MODEL_KINDS)}")
+
+
+def build_model(spec: dict[str, Any]) -> nn.Module:
+    args = {k: v for k, v in spec.items() if k != "kind"}
+    if spec.get("kind") == "mlp":
+        return MLP(**args)
+    if spec.get("kind") == "cnn":
+        return SmallCNN(**args)
+    raise ValueError(f"unknown model kind {spec.get('kind')!r}; allowed: {', '.join(MODEL_KINDS)}")
+
+
+def prunable_modules(model: nn.Module) -> list[tuple[nn.Module, str]]:
+    """(module, "weight") for every Linear and Conv2d: the tensors that pruning and int8 act on."""
+    return [(m, "weight") for m in model.modules() if isinstance(m, nn.Linear | nn.Conv2d)]
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def atomic_write(path: str | os.PathLike, write) -> None:
+    """Call `write(tmp_path)` then rename over `path`, so a reader never sees a half-written file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def save_checkpoint(path: str | os.PathLike, model: nn.Module, spec: dict[str, Any],
+                    meta: dict[str, Any] | None = None) -> str:
+    """Write the checkpoint atomically; return its sha256."""
+    state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+    payload = {"spec": dict(spec), "state_dict": state, "meta": dict(meta or {})}
+    atomic_write(path, lambda tmp: torch.save(payload, tmp))
+    return sha256_file(path)
+
+
+def load_checkpoint(path: str | os.PathLike, expected_sha256: str | None = None
+                    ) -> tuple[nn.Module, dict[str, Any], dict[str, Any]]:
+    """Load (model, spec, meta). Refuses a file whose sha256 differs from `expected_sha256`."""
+    if expected_sha256 is not None:
+        actual = sha256_file(path)
+        if actual != expected_sha256:
+            raise ValueError(f"checkpoint {path} has sha256 {actual}, expected {expected_sha256}")
+    payload = torch.load(path, map_location="cpu", weights_only=True)
+    model = build_model(payload["spec"])
+    state = payload["state_dict"]
+    dtype = next(iter(state.values())).dtype
+    model.to(dtype).load_state_dict(state)
+    return model.eval(), payload["spec"], payload.get("meta", {})
