@@ -100,6 +100,7 @@ def atomic_write(path: str | os.PathLike, write) -> None:
     os.close(fd)
     try:
         write(tmp)
+        os.chmod(tmp, 0o644)  # mkstemp creates 0600; these are shareable artifacts
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -111,7 +112,13 @@ def save_checkpoint(path: str | os.PathLike, model: nn.Module, spec: dict[str, A
     """Write the checkpoint atomically; return its sha256."""
     state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
     payload = {"spec": dict(spec), "state_dict": state, "meta": dict(meta or {})}
-    atomic_write(path, lambda tmp: torch.save(payload, tmp))
+    # Through a file object: torch.save would otherwise name the zip's inner folder after the random
+    # temp name, and identical weights would hash differently.
+    def write(tmp: str) -> None:
+        with open(tmp, "wb") as f:
+            torch.save(payload, f)
+
+    atomic_write(path, write)
     return sha256_file(path)
 
 

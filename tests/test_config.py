@@ -1,0 +1,39 @@
+import pytest
+
+from wattflow.config import ConfigError, PipelineConfig, load_config, parse_config
+
+
+def test_defaults_validate_and_round_trip():
+    cfg = PipelineConfig()
+    assert cfg.train.cpu_ranks == 2 and cfg.train.threads_per_rank == 1
+    assert PipelineConfig.model_validate(cfg.model_dump()) == cfg
+
+
+def test_yaml_recipe_overrides_only_what_it_names(tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("train:\n  epochs: 3\n  model: mlp\nprune:\n  sparsities: [0.5, 0.9]\n")
+    cfg = load_config(recipe)
+    assert (cfg.train.epochs, cfg.train.model, cfg.prune.sparsities) == (3, "mlp", [0.5, 0.9])
+    assert cfg.train.lr == PipelineConfig().train.lr
+
+
+@pytest.mark.parametrize(("data", "field", "hint"), [
+    ({"train": {"epochs": 0}}, "train.epochs", "greater than or equal to 1"),
+    ({"train": {"cpu_ranks": 100}}, "train.cpu_ranks", "less than or equal to 64"),
+    ({"prune": {"sparsities": [1.5]}}, "prune.sparsities", "(0, 1)"),
+    ({"quantize": {"backends": ["fp4"]}}, "quantize.backends.0", "onnx-int8-static"),
+    ({"train": {"epoch": 3}}, "train.epoch", "Extra inputs are not permitted"),
+])
+def test_invalid_values_name_the_field_and_the_allowed_range(data, field, hint):
+    with pytest.raises(ConfigError) as err:
+        parse_config(data)
+    assert field in str(err.value) and hint in str(err.value)
+
+
+def test_missing_or_non_mapping_recipe_is_a_clear_error(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "nope.yaml")
+    bad = tmp_path / "list.yaml"
+    bad.write_text("- 1\n- 2\n")
+    with pytest.raises(ConfigError, match="must be a YAML mapping"):
+        load_config(bad)

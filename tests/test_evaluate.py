@@ -1,0 +1,145 @@
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from wattflow.compress.quantize import export_onnx, quantize_checkpoint
+from wattflow.data import load_splits
+from wattflow.evaluate import accuracy, load_predictor, median_latency_s, run_inferences, size_metrics
+from wattflow.models import build_model, default_spec, prunable_modules, save_checkpoint
+
+
+def train_briefly(kind: str, steps: int = 400, seed: int = 0) -> nn.Module:
+    """A few hundred Adam steps on the digits train split: enough for > 0.9 test accuracy."""
+    torch.manual_seed(seed)
+    train = load_splits().train
+    x, y = torch.from_numpy(train.x), torch.from_numpy(train.y)
+    model = build_model(default_spec(kind))
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    for _ in range(steps):
+        idx = torch.randint(0, len(x), (64,))
+        loss = nn.functional.cross_entropy(model(x[idx]), y[idx])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return model.eval()
+
+
+def zero_smallest_half(model: nn.Module) -> nn.Module:
+    """Zero the smaller-magnitude half of every weight matrix (biases kept)."""
+    with torch.no_grad():
+        for module, name in prunable_modules(model):
+            w = getattr(module, name)
+            w.mul_(w.abs() > w.abs().flatten().median())
+    return model
+
+
+@pytest.fixture(scope="module")
+def cnn(tmp_path_factory):
+    """Paths of one trained CNN as an fp32 checkpoint, a half-sparse checkpoint and its int8 ONNX files."""
+    root = tmp_path_factory.mktemp("eval")
+    model = train_briefly("cnn")
+    paths = {"dense": root / "dense.pt", "sparse": root / "sparse.pt", "onnx": root / "dense.onnx"}
+    save_checkpoint(paths["dense"], model, default_spec("cnn"))
+    export_onnx(model, paths["onnx"], 64)
+    save_checkpoint(paths["sparse"], zero_smallest_half(model), default_spec("cnn"))
+    calib = load_splits().train.x[:256]
+    for src in ("dense", "sparse"):
+        paths[f"{src}-int8"] = quantize_checkpoint(paths[src], "onnx-int8-static", root, calib).path
+    paths["dense-dynamic"] = quantize_checkpoint(paths["dense"], "onnx-int8-dynamic", root, None).path
+    paths["dense-bf16"] = quantize_checkpoint(paths["dense"], "bf16", root, None).path
+    return paths
+
+
+@pytest.mark.parametrize(("key", "fmt"), [("dense", "torch"), ("onnx", "onnx"), ("dense-int8", "onnx"),
+                                          ("dense-bf16", "torch")])
+def test_predictors_return_float32_logits_and_agree(cnn, key, fmt):
+    test = load_splits().test
+    predict = load_predictor(cnn[key], fmt, threads=1)
+    logits = predict(test.x)
+    assert logits.dtype == np.float32 and logits.shape == (len(test.x), 10)
+    assert accuracy(predict, test.x, test.y) > 0.9
+    reference = load_predictor(cnn["dense"], "torch")(test.x)
+    assert np.mean(logits.argmax(1) == reference.argmax(1)) >= 0.97
+    if key == "onnx":  # same fp32 weights, another runtime
+        np.testing.assert_allclose(logits, reference, atol=1e-4)
+
+
+def test_accuracy_does_not_depend_on_batch_size(cnn):
+    test = load_splits().test
+    predict = load_predictor(cnn["dense"], "torch")
+    expected = float(np.mean(predict(test.x).argmax(1) == test.y))
+    assert accuracy(predict, test.x, test.y, batch_size=7) == pytest.approx(expected)
+    assert accuracy(predict, test.x, test.y) == pytest.approx(expected)
+
+
+def test_median_latency_is_positive_and_tiles_large_batches(cnn):
+    x = load_splits().test.x
+    seen = []
+
+    def predict(batch):
+        seen.append(batch.shape)
+        return np.zeros((len(batch), 10), np.float32)
+
+    latency_s = median_latency_s(predict, x, batch_size=len(x) * 2 + 5, repeats=5, warmup=2)
+    assert isinstance(latency_s, float) and latency_s > 0
+    assert seen == [(len(x) * 2 + 5, 64)] * 7
+    real = median_latency_s(load_predictor(cnn["dense-int8"], "onnx"), x, batch_size=1, repeats=20, warmup=3)
+    assert 0 < real < 0.1
+
+
+def test_run_inferences_runs_full_batches_until_enough(cnn):
+    calls = []
+
+    def predict(batch):
+        calls.append(len(batch))
+        return np.zeros((len(batch), 10), np.float32)
+
+    assert run_inferences(predict, load_splits().test.x, 1000, batch_size=256) == 1024
+    assert calls == [256] * 4
+    assert run_inferences(load_predictor(cnn["dense-int8"], "onnx"), load_splits().test.x, 10, 4) == 12
+
+
+def test_size_metrics_of_a_half_sparse_checkpoint(cnn):
+    dense, sparse = size_metrics(cnn["dense"], "torch"), size_metrics(cnn["sparse"], "torch")
+    n_params = sum(p.numel() for p in build_model(default_spec("cnn")).parameters())
+    n_weights = sum(getattr(m, n).numel() for m, n in prunable_modules(build_model(default_spec("cnn"))))
+    assert dense["param_count"] == sparse["param_count"] == n_params
+    assert dense["nonzero_params"] == n_params
+    assert sparse["nonzero_params"] == pytest.approx(n_params - n_weights / 2, abs=8)
+    assert dense["param_bytes"] == 4 * n_params
+    # Zeros do not shrink the file itself, only what it compresses to.
+    assert sparse["file_bytes"] == pytest.approx(dense["file_bytes"], abs=64)
+    assert sparse["lzma_bytes"] < 0.75 * dense["lzma_bytes"]
+    assert sparse["lzma_bytes"] < sparse["file_bytes"]
+
+
+def test_param_count_is_the_same_definition_for_torch_and_onnx(cnn):
+    fp32 = size_metrics(cnn["dense"], "torch")
+    variants = [("onnx", "onnx"), ("dense-int8", "onnx"), ("dense-dynamic", "onnx"), ("dense-bf16", "torch")]
+    for key, fmt in variants:
+        metrics = size_metrics(cnn[key], fmt)
+        assert metrics["param_count"] == fp32["param_count"], key
+        assert metrics["file_bytes"] > 0 and metrics["lzma_bytes"] > 0
+    assert size_metrics(cnn["onnx"], "onnx")["param_bytes"] == fp32["param_bytes"]
+    assert size_metrics(cnn["dense-bf16"], "torch")["param_bytes"] == fp32["param_bytes"] // 2
+    # static int8: weights 1 byte, biases int32
+    int8 = size_metrics(cnn["dense-int8"], "onnx")
+    n_bias = sum(m.bias.numel() for m, _ in prunable_modules(build_model(default_spec("cnn"))))
+    assert int8["param_bytes"] == (fp32["param_count"] - n_bias) + 4 * n_bias
+
+
+def test_int8_keeps_the_zeros_of_a_sparse_model(cnn):
+    sparse = size_metrics(cnn["sparse"], "torch")
+    int8 = size_metrics(cnn["sparse-int8"], "onnx")
+    # a real zero quantizes exactly to the zero point; tiny weights may round to it as well
+    assert int8["nonzero_params"] <= sparse["nonzero_params"]
+    assert int8["nonzero_params"] > 0.9 * sparse["nonzero_params"]
+    assert int8["lzma_bytes"] < size_metrics(cnn["dense-int8"], "onnx")["lzma_bytes"]
+
+
+def test_unknown_format_is_refused(cnn):
+    with pytest.raises(ValueError, match="allowed: torch, onnx"):
+        load_predictor(cnn["dense"], "tflite")
+    with pytest.raises(ValueError, match="allowed: torch, onnx"):
+        size_metrics(cnn["dense"], "tflite")

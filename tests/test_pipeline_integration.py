@@ -1,0 +1,108 @@
+"""The real flow, end to end: a temporary Prefect server, a temporary MLflow SQLite store, two real
+Gloo ranks under torchrun, real pruning, real ONNX Runtime int8. Then the store is read back."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+
+import mlflow
+import pytest
+from mlflow.tracking import MlflowClient
+from prefect.client.orchestration import get_client
+from prefect.testing.utilities import prefect_test_harness
+
+from flows.pipeline import pipeline
+from wattflow.config import PipelineConfig
+
+pytestmark = pytest.mark.integration
+
+ENERGY_METHODS = {"estimated:cpu-time", "measured:rapl", "measured:nvml", "measured:nvml+measured:rapl",
+                  "estimated:cpu-time+measured:nvml"}
+
+
+@pytest.fixture(scope="module")
+def prefect_server(tmp_path_factory):
+    home = tmp_path_factory.mktemp("prefect-home")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("PREFECT_HOME", str(home))
+        with prefect_test_harness(server_startup_timeout=120):
+            yield
+
+
+@pytest.fixture
+def mlflow_uri(tmp_path, monkeypatch):
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    mlflow.set_tracking_uri(uri)
+    return uri
+
+
+def tiny_config(tmp_path, **train) -> PipelineConfig:
+    return PipelineConfig.model_validate({
+        "work_dir": str(tmp_path / "artifacts"),
+        "train": {"model": "cnn", "epochs": 8, "lr": 0.1, "cpu_ranks": 2, **train},
+        "prune": {"sparsities": [0.8], "fine_tune_epochs": 2},
+        "quantize": {"backends": ["onnx-int8-static", "bf16"], "apply_to": "baseline"},
+        "eval": {"repeats": 3, "warmup": 1, "energy_inferences": 2000},
+    })
+
+
+async def read_flow_run(flow_run_id: str):
+    async with get_client() as client:
+        run = await client.read_flow_run(uuid.UUID(flow_run_id))
+        artifacts = await client.read_artifacts()
+    return run, artifacts
+
+
+def test_pipeline_logs_the_mlflow_contract(prefect_server, mlflow_uri, tmp_path):
+    result = pipeline(tiny_config(tmp_path))
+
+    client = MlflowClient(mlflow_uri)
+    parent = client.get_run(result["mlflow_run_id"])
+    assert parent.info.status == "FINISHED"
+    assert parent.data.params["train.epochs"] == "8" and parent.data.params["train.cpu_ranks"] == "2"
+    assert parent.data.tags["energy.method"] in ENERGY_METHODS and parent.data.metrics["energy_j"] > 0
+
+    children = client.search_runs([parent.info.experiment_id],
+                                  filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
+    by_name = {c.info.run_name: c for c in children}
+    assert set(by_name) == {"train", "prune-0.8", "onnx-int8-static", "bf16"}
+    assert {c.data.tags["wattflow.stage"] for c in children} == {"train", "prune", "quantize"}
+    for child in children:
+        m = child.data.metrics
+        assert child.info.status == "FINISHED"
+        assert 0.0 < m["accuracy"] <= 1.0 and m["size_bytes"] > 0 and m["energy_j"] > 0
+        assert child.data.tags["energy.method"] in ENERGY_METHODS
+        assert m["latency_b1_s"] > 0 and m["latency_b256_s"] > 0 and m["energy_per_inference_j"] > 0
+        assert m["param_count"] >= m["nonzero_params"] > 0 and m["size_lzma_bytes"] > 0
+        logged = mlflow.search_logged_models(experiment_ids=[parent.info.experiment_id],
+                                             filter_string=f"source_run_id = '{child.info.run_id}'",
+                                             output_format="list")
+        assert len(logged) == 1, child.info.run_name
+
+    train = by_name["train"].data.metrics
+    assert train["accuracy"] >= 0.95
+    assert by_name["onnx-int8-static"].data.metrics["size_bytes"] <= 0.35 * train["size_bytes"]
+    assert by_name["onnx-int8-static"].data.metrics["accuracy"] >= train["accuracy"] - 0.02
+    assert by_name["prune-0.8"].data.metrics["sparsity"] == pytest.approx(0.8, abs=0.01)
+    assert by_name["prune-0.8"].data.metrics["nonzero_params"] < 0.3 * train["param_count"]
+
+    # The Prefect side: the flow run the parent points at completed, and published the table.
+    flow_run, artifacts = asyncio.run(read_flow_run(parent.data.tags["prefect.flow_run_id"]))
+    assert flow_run.state.is_completed()
+    table = [a for a in artifacts if a.key == "wattflow-variants" and a.flow_run_id == flow_run.id]
+    assert len(table) == 1 and "onnx-int8-static" in str(table[0].data)
+    assert [r["variant"] for r in result["rows"]] == ["train", "prune-0.8", "onnx-int8-static", "bf16"]
+
+
+def test_a_failed_stage_leaves_its_runs_failed_not_running(prefect_server, mlflow_uri, tmp_path):
+    cfg = tiny_config(tmp_path, epochs=1000, timeout_s=3)
+    with pytest.raises(Exception, match="timeout_s"):
+        pipeline(cfg)
+    client = MlflowClient(mlflow_uri)
+    runs = client.search_runs([client.get_experiment_by_name(cfg.experiment).experiment_id])
+    by_stage = {r.data.tags["wattflow.stage"]: r for r in runs}
+    assert set(by_stage) == {"pipeline", "train"}
+    assert by_stage["train"].info.status == "FAILED" and by_stage["pipeline"].info.status == "FAILED"
+    assert "timeout_s" in by_stage["train"].data.tags["error"]

@@ -1,0 +1,218 @@
+"""Quantization backends for CPU deployment, built on maintained paths only (`torch.ao.quantization` is
+deprecated): ONNX Runtime int8 (static and dynamic) and a plain bf16 cast.
+
+    art = quantize_checkpoint("model.pt", "onnx-int8-static", "out/", calibration_x=x_train[:256])
+    art.path, art.format  # "out/model.int8-static.onnx", "onnx"
+
+Static int8 probes four ONNX Runtime layouts (QOperator/QDQ x per-tensor/per-channel) and keeps the
+smallest file whose top-1 predictions on the calibration set still agree with fp32 (within
+AGREEMENT_TOLERANCE of the best layout). onnx/onnxruntime are imported lazily, so this module imports
+(and `backend_available` answers) on a machine without them.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import re
+import tempfile
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import get_args
+
+import numpy as np
+import torch
+from torch import nn
+
+from wattflow.config import QuantBackend
+from wattflow.models import atomic_write, load_checkpoint, save_checkpoint, sha256_file
+
+ONNX_INPUT = "x"
+ONNX_OUTPUT = "logits"
+BACKENDS: tuple[str, ...] = get_args(QuantBackend)
+AGREEMENT_TOLERANCE = 0.005  # share of calibration samples a smaller layout may flip vs the best one
+CALIBRATION_BATCH = 64
+_SUFFIX = {"onnx-int8-static": ".int8-static.onnx", "onnx-int8-dynamic": ".int8-dynamic.onnx",
+           "bf16": ".bf16.pt"}
+
+
+class BackendUnavailable(RuntimeError):
+    """The backend is unknown or cannot run on this machine; the message says why."""
+
+
+@dataclass(frozen=True)
+class QuantizedArtifact:
+    path: str
+    format: str  # "onnx" | "torch"
+    backend: str
+    note: str = ""
+
+
+def backend_available(backend: str) -> tuple[bool, str]:
+    """(True, note) when `backend` can run here, else (False, reason)."""
+    if backend not in BACKENDS:
+        return False, f"unknown quantization backend {backend!r}; allowed: {', '.join(BACKENDS)}"
+    if backend == "bf16":
+        return True, ("native bf16 instructions" if _cpu_has_bf16()
+                      else "no native bf16 on this CPU: emulated, slow")
+    try:
+        import onnx  # noqa: F401
+        import onnxruntime
+        import onnxruntime.quantization  # noqa: F401
+        import onnxscript  # noqa: F401  (the torch.onnx dynamo exporter needs it)
+    except ImportError as err:
+        return False, f"{backend} needs onnx, onnxscript and onnxruntime: {err}"
+    if "CPUExecutionProvider" not in onnxruntime.get_available_providers():
+        return False, "onnxruntime has no CPUExecutionProvider"
+    return True, f"onnxruntime {onnxruntime.__version__}"
+
+
+def _cpu_has_bf16() -> bool:
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return bool(re.search(r"\b(avx512_bf16|amx_bf16)\b", flags))
+
+
+def export_onnx(model: nn.Module, path, in_features: int) -> None:
+    """Write `model` as one self-contained fp32 ONNX file: input "x" [batch, in_features] -> "logits"."""
+    import onnx
+
+    model = copy.deepcopy(model).float().eval()  # never change the caller's model dtype or mode
+    example = (torch.zeros(2, in_features),)  # batch 2: a batch of 1 would be specialised as a constant
+    batch = torch.export.Dim("batch")
+    # The dynamo exporter logs torchvision notices and torch-internal FutureWarnings nobody can act on.
+    reg_log = logging.getLogger("torch.onnx._internal.exporter._registration")
+    level = reg_log.level
+    reg_log.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            program = torch.onnx.export(model, example, None, input_names=[ONNX_INPUT],
+                                        output_names=[ONNX_OUTPUT], dynamic_shapes=({0: batch},),
+                                        dynamo=True, verbose=False)
+    finally:
+        reg_log.setLevel(level)
+    proto = _tidy(program.model_proto)
+    atomic_write(path, lambda tmp: onnx.save_model(proto, tmp))
+
+
+def _tidy(proto):
+    """Drop what ONNX Runtime does not need: the exporter's per-node metadata (stack traces with local paths:
+    non-deterministic, ~7% of the file), doc strings and the value_info shape cache."""
+    del proto.metadata_props[:]
+    proto.doc_string = ""
+    graph = proto.graph
+    graph.doc_string = ""
+    del graph.value_info[:]
+    for item in (*graph.node, *graph.input, *graph.output, *graph.initializer):
+        del item.metadata_props[:]
+        item.doc_string = ""
+    return proto
+
+
+def quantize_checkpoint(ckpt_path, backend: str, out_dir,
+                        calibration_x: np.ndarray | None) -> QuantizedArtifact:
+    """Quantize the checkpoint at `ckpt_path` into `out_dir` (file named `<stem><backend suffix>`).
+
+    `calibration_x` (float32 [N, in_features]) is required by "onnx-int8-static"; for
+    "onnx-int8-dynamic" it is optional and only measures agreement with fp32 for the note."""
+    ok, reason = backend_available(backend)
+    if not ok:
+        raise BackendUnavailable(reason)
+    out_path = Path(out_dir) / (Path(ckpt_path).stem + _SUFFIX[backend])
+    model, spec, meta = load_checkpoint(ckpt_path)
+    if backend == "bf16":
+        meta = {**meta, "quantized": "bf16", "source_sha256": sha256_file(ckpt_path)}
+        save_checkpoint(out_path, model.to(torch.bfloat16), spec, meta)
+        return QuantizedArtifact(str(out_path), "torch", backend, reason)
+
+    in_features = int(spec["in_features"])
+    if calibration_x is not None:
+        calibration_x = np.ascontiguousarray(calibration_x, dtype=np.float32)
+        if calibration_x.ndim != 2 or calibration_x.shape[1] != in_features or len(calibration_x) == 0:
+            raise ValueError(f"calibration_x must be [N>0, {in_features}], got {calibration_x.shape}")
+    elif backend == "onnx-int8-static":
+        raise ValueError("onnx-int8-static needs calibration_x (float32 [N, in_features])")
+
+    with tempfile.TemporaryDirectory(prefix="wattflow-quant-") as tmp:
+        fp32 = Path(tmp, "fp32.onnx")
+        export_onnx(model, fp32, in_features)
+        pre = Path(tmp, "pre.onnx")
+        _pre_process(fp32, pre)
+        if backend == "onnx-int8-static":
+            best, note = _static_int8(pre, Path(tmp), calibration_x)
+        else:
+            best, note = _dynamic_int8(pre, Path(tmp), calibration_x)
+        atomic_write(out_path, lambda t: _save_tidy(best, t))
+    return QuantizedArtifact(str(out_path), "onnx", backend, note)
+
+
+def _pre_process(src: Path, dst: Path) -> None:
+    # ORT's recommended step (shape inference + graph optimisation); it also stamps the model so that
+    # quantize_* does not log "please consider pre-processing" on the root logger.
+    from onnxruntime.quantization import quant_pre_process
+
+    quant_pre_process(str(src), str(dst))
+
+
+def _save_tidy(src: Path, dst) -> None:
+    import onnx
+
+    onnx.save_model(_tidy(onnx.load(str(src))), dst)
+
+
+def _static_int8(pre: Path, tmp: Path, calibration_x: np.ndarray) -> tuple[Path, str]:
+    from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
+
+    reference = _top1(pre, calibration_x)
+    trials = []  # (file_bytes, -agreement, label, path)
+    for fmt in (QuantFormat.QOperator, QuantFormat.QDQ):
+        # QOperator needs uint8 activations: with int8 ones ORT CPU falls back to a ~10x slower kernel
+        # (measured). QDQ keeps the int8 default; ORT fuses it into the same fast u8s8 kernels.
+        act = QuantType.QUInt8 if fmt == QuantFormat.QOperator else QuantType.QInt8
+        for per_channel in (False, True):
+            label = f"{fmt.name} {'per-channel' if per_channel else 'per-tensor'} {act.name[1:].lower()} act"
+            path = tmp / f"{fmt.name}-{per_channel}.onnx"
+            quantize_static(str(pre), str(path), _CalibrationReader(calibration_x), quant_format=fmt,
+                            per_channel=per_channel, activation_type=act, weight_type=QuantType.QInt8)
+            agreement = float(np.mean(_top1(path, calibration_x) == reference))
+            trials.append((path.stat().st_size, -agreement, label, path))
+    best_agreement = -min(t[1] for t in trials)
+    size, neg_agreement, label, path = min(t for t in trials if -t[1] >= best_agreement - AGREEMENT_TOLERANCE)
+    note = (f"{label} int8 weights; top-1 agreement with fp32 {-neg_agreement:.4f} on "
+            f"{len(calibration_x)} calibration samples (best layout {best_agreement:.4f})")
+    return path, note
+
+
+def _dynamic_int8(pre: Path, tmp: Path, calibration_x: np.ndarray | None) -> tuple[Path, str]:
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    path = tmp / "dynamic.onnx"
+    quantize_dynamic(str(pre), str(path), weight_type=QuantType.QInt8)
+    note = "int8 weights, activations quantized per batch at run time"
+    if calibration_x is not None:
+        agreement = float(np.mean(_top1(path, calibration_x) == _top1(pre, calibration_x)))
+        note += f"; top-1 agreement with fp32 {agreement:.4f} on {len(calibration_x)} samples"
+    return path, note
+
+
+def _top1(path: Path, x: np.ndarray) -> np.ndarray:
+    """Top-1 classes from ONNX Runtime's CPU provider; also proves the file runs there."""
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return session.run([ONNX_OUTPUT], {ONNX_INPUT: x})[0].argmax(axis=1)
+
+
+class _CalibrationReader:
+    """Feeds calibration batches to quantize_static (duck-types onnxruntime's CalibrationDataReader)."""
+
+    def __init__(self, x: np.ndarray):
+        starts = range(0, len(x), CALIBRATION_BATCH)
+        self._batches = iter([{ONNX_INPUT: x[i:i + CALIBRATION_BATCH]} for i in starts])
+
+    def get_next(self) -> dict[str, np.ndarray] | None:
+        return next(self._batches, None)
