@@ -66,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Run the wattflow pipeline once, here.")
     parser.add_argument("--config", default=os.environ.get("CONFIG") or None, help="YAML recipe")
     args = parser.parse_args(argv)
-    console = Console()
+    console = Console(width=max(Console().width, 120))  # piped output would otherwise fold the table at 80
     try:
         config = load_config(args.config)  # validated here, before any work starts
     except ConfigError as err:

@@ -37,3 +37,24 @@ def test_missing_or_non_mapping_recipe_is_a_clear_error(tmp_path):
     bad.write_text("- 1\n- 2\n")
     with pytest.raises(ConfigError, match="must be a YAML mapping"):
         load_config(bad)
+
+
+def test_cli_refuses_a_bad_recipe_before_any_work(tmp_path, monkeypatch, capsys):
+    from flows.pipeline import main
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlflow.db")
+    recipe = tmp_path / "bad.yaml"
+    recipe.write_text(f"work_dir: {tmp_path}/artifacts\ntrain:\n  lr: -1\n")
+    assert main(["--config", str(recipe)]) == 2
+    out = capsys.readouterr().out
+    assert "train.lr" in out and "greater than 0" in out
+    assert not (tmp_path / "mlflow.db").exists() and not (tmp_path / "artifacts").exists()
+
+
+def test_shipped_recipes_validate():
+    from pathlib import Path
+
+    recipes = sorted(Path(__file__).parents[1].glob("deployments/recipes/*.yaml"))
+    assert recipes
+    for recipe in recipes:
+        load_config(recipe)

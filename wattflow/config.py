@@ -29,7 +29,7 @@ class DataConfig(_Section):
 
 class TrainConfig(_Section):
     model: Literal["mlp", "cnn"] = Field("cnn", description="Architecture from the model zoo.")
-    epochs: int = Field(12, ge=1, le=1000, description="Training epochs.")
+    epochs: int = Field(20, ge=1, le=1000, description="Training epochs.")
     batch_size: int = Field(32, ge=1, le=65536, description="Samples per rank per step.")
     lr: float = Field(0.05, gt=0.0, le=10.0, description="Peak learning rate (SGD, Nesterov momentum 0.9).")
     weight_decay: float = Field(5e-4, ge=0.0, le=1.0, description="L2 weight decay.")

@@ -9,7 +9,13 @@ from wattflow.stages import StageResult
 UNKNOWN = "unknown"
 
 
+def sig(x: float | None, digits: int = 4) -> float | str:
+    """Round to significant digits, so small figures (a 3 ms stage, 0.02 J) never print as 0."""
+    return UNKNOWN if x is None else float(f"{x:.{digits}g}")
+
+
 def summary_rows(variants: list[StageResult], figures: list[dict]) -> list[dict]:
+    """The first variant is the trained model: size ratios are against its serialized file."""
     baseline_bytes = figures[0]["size_bytes"]
     rows = []
     for v, f in zip(variants, figures, strict=True):
@@ -19,33 +25,35 @@ def summary_rows(variants: list[StageResult], figures: list[dict]) -> list[dict]
             "variant": v.name,
             "stage": v.stage,
             "chain": " -> ".join(v.chain),
-            "accuracy": round(f["accuracy"], 4),
+            "accuracy": sig(f["accuracy"]),
             "size_bytes": f["size_bytes"],
-            "size_vs_train_file": round(f["size_bytes"] / baseline_bytes, 3),
+            "size_vs_train_file": sig(f["size_bytes"] / baseline_bytes, 3),
+            "size_lzma_bytes": f["size_lzma_bytes"],
             "nonzero_params": f["nonzero_params"],
-            "latency_b1_ms": _ms(f.get("latency_b1_s")),
-            "latency_b256_ms": _ms(f.get("latency_b256_s")),
-            "stage_energy_j": UNKNOWN if energy.energy_j is None else round(energy.energy_j, 2),
+            "latency_b1_ms": sig(f["latency_b1_s"] * 1e3) if "latency_b1_s" in f else UNKNOWN,
+            "latency_b256_ms": sig(f["latency_b256_s"] * 1e3) if "latency_b256_s" in f else UNKNOWN,
+            "stage_energy_j": sig(energy.energy_j, 3),
             "stage_energy_method": energy.method,
-            "stage_duration_s": round(energy.duration_s, 2),
-            "energy_per_1k_inferences_j": UNKNOWN if per_inference is None else round(per_inference * 1e3, 4),
+            "stage_duration_s": sig(energy.duration_s, 3),
+            "energy_per_1k_inferences_j": sig(None if per_inference is None else per_inference * 1e3, 3),
             "inference_energy_method": f["energy_per_inference.method"],
         })
     return rows
 
 
-def _ms(seconds: float | None) -> float | str:
-    return UNKNOWN if seconds is None else round(seconds * 1e3, 3)
-
-
-TERMINAL_COLUMNS = ["variant", "accuracy", "size_bytes", "size_vs_train_file", "latency_b1_ms", "latency_b256_ms",
-                    "stage_energy_j", "stage_duration_s", "energy_per_1k_inferences_j", "stage_energy_method"]
+# Terminal column -> header: short enough for a 120-column terminal.
+TERMINAL_COLUMNS = {
+    "variant": "variant", "accuracy": "test acc", "size_bytes": "file B", "size_vs_train_file": "file/train",
+    "size_lzma_bytes": "lzma B", "latency_b1_ms": "b1 ms", "latency_b256_ms": "b256 ms",
+    "stage_energy_j": "stage J", "stage_duration_s": "stage s", "energy_per_1k_inferences_j": "J/1k inf",
+}
 
 
 def rich_table(rows: list[dict], title: str = "wattflow variants") -> Table:
-    table = Table(title=title)
-    for col in TERMINAL_COLUMNS:
-        table.add_column(col, justify="left" if col in ("variant", "stage_energy_method") else "right")
+    methods = sorted({r["stage_energy_method"] for r in rows} | {r["inference_energy_method"] for r in rows})
+    table = Table(title=title, caption=f"energy method: {', '.join(methods)}; sizes: serialized file bytes")
+    for key, header in TERMINAL_COLUMNS.items():
+        table.add_column(header, justify="left" if key == "variant" else "right")
     for row in rows:
-        table.add_row(*(str(row[c]) for c in TERMINAL_COLUMNS))
+        table.add_row(*(str(row[key]) for key in TERMINAL_COLUMNS))
     return table

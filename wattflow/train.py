@@ -126,7 +126,7 @@ def main(job_path: str) -> None:
         "rank": rank, "samples_seen": samples_seen, "train_duration_s": train_s,
         "cpu_s": usage.ru_utime + usage.ru_stime,
         # Equal on every rank when DDP kept the replicas in sync.
-        "param_checksum": float(sum(p.double().sum() for p in model.parameters()))})
+        "param_checksum": float(sum(p.detach().double().sum() for p in model.parameters()))})
     dist.barrier()
     dist.destroy_process_group()
 

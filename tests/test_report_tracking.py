@@ -1,0 +1,66 @@
+import pytest
+from mlflow.tracking import MlflowClient
+
+from wattflow.config import EnergyConfig
+from wattflow.energy import DeviceEnergy, EnergyResult
+from wattflow.report import rich_table, sig, summary_rows
+from wattflow.stages import Artifact, StageResult
+from wattflow.tracking import Tracker, flatten, record_stage
+
+
+def variant(name: str, energy_j: float | None) -> StageResult:
+    method = "unavailable" if energy_j is None else "estimated:cpu-time"
+    energy = EnergyResult(name, 0.003, (DeviceEnergy("cpu:process-tree", energy_j, method),))
+    return StageResult(name=name, stage="train", chain=[name], energy=energy.to_dict(),
+                       artifact=Artifact(path="/nonexistent", format="torch", sha256="0" * 64))
+
+
+FIGURES = {"accuracy": 0.97, "size_bytes": 1000, "size_lzma_bytes": 800, "nonzero_params": 10,
+           "latency_b1_s": 2e-5, "latency_b256_s": 1e-3, "energy_per_inference.method": "estimated:cpu-time"}
+
+
+def test_small_figures_keep_their_digits_and_unknown_is_never_zero():
+    assert sig(0.0123456) == 0.01235 and sig(None) == "unknown"
+    rows = summary_rows([variant("train", 0.004), variant("bf16", None)],
+                        [{**FIGURES, "energy_per_inference_j": 1e-6}, {**FIGURES, "size_bytes": 500}])
+    assert rows[0]["stage_energy_j"] == 0.004 and rows[0]["energy_per_1k_inferences_j"] == 0.001
+    assert rows[1]["stage_energy_j"] == "unknown" and rows[1]["stage_energy_method"] == "unavailable"
+    assert rows[1]["energy_per_1k_inferences_j"] == "unknown" and rows[1]["size_vs_train_file"] == 0.5
+    assert rows[0]["latency_b1_ms"] == 0.02
+    assert rich_table(rows).row_count == 2
+
+
+@pytest.fixture
+def tracker(tmp_path):
+    return Tracker(f"sqlite:///{tmp_path}/mlflow.db")
+
+
+def test_a_stage_that_raises_leaves_its_run_failed_with_the_error(tracker):
+    exp = tracker.experiment_id("t")
+    parent = tracker.start_run(exp, "pipeline")
+
+    def boom():
+        raise RuntimeError("disk full")
+
+    with pytest.raises(RuntimeError, match="disk full"):
+        record_stage(tracker, parent, "prune-0.5", "prune", boom, EnergyConfig())
+    (child,) = MlflowClient(tracker.tracking_uri).search_runs(
+        [exp], filter_string=f"tags.mlflow.parentRunId = '{parent}'")
+    assert child.info.status == "FAILED" and child.data.tags["error"] == "RuntimeError: disk full"
+    assert child.data.tags["wattflow.stage"] == "prune"
+
+
+def test_unknown_metrics_are_left_out_not_logged_as_zero(tracker):
+    run = tracker.start_run(tracker.experiment_id("t"), "r")
+    tracker.log_metrics(run, {"energy_j": None, "accuracy": 0.9})
+    assert tracker.client.get_run(run).data.metrics == {"accuracy": 0.9}
+
+
+def test_sqlite_store_keeps_artifacts_beside_the_database(tracker, tmp_path):
+    exp = tracker.client.get_experiment(tracker.experiment_id("t"))
+    assert exp.artifact_location == (tmp_path / "mlartifacts").as_uri()
+
+
+def test_config_is_flattened_into_dotted_params():
+    assert flatten({"train": {"epochs": 3, "lr": 0.1}, "experiment": "x"}) == {
+        "train.epochs": "3", "train.lr": "0.1", "experiment": "x"}
