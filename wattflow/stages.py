@@ -91,7 +91,7 @@ def quantize_stage(cfg: PipelineConfig, parent: StageResult, backend: str, out_d
     return StageResult(
         name=name, stage="quantize", chain=[*parent.chain, backend],
         artifact=Artifact(path=out.path, format=out.format, sha256=sha256_file(out.path)),
-        params={"backend": backend, "calibration_samples": cfg.quantize.calibration_samples},
+        params={"backend": backend, "calibration_samples": cfg.quantize.calibration_samples, "note": out.note},
         energy=w.result.to_dict())
 
 
