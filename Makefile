@@ -20,12 +20,14 @@ export PREFECT_HOME ?= $(STATE)/prefect
 MLFLOW_PORT  ?= 5000
 PREFECT_PORT ?= 4200
 
-.PHONY: help setup state run-flow test lint mlflow-ui prefect-ui clean distclean
+.PHONY: help setup state run-flow test lint bench gpu-check mlflow-ui prefect-ui clean distclean
 
 help:
 	@echo "make run-flow [CONFIG=recipe.yaml]  run the whole pipeline here (sets up .venv first)"
 	@echo "make test                           run the test suite"
 	@echo "make lint                           ruff"
+	@echo "make bench [BENCH=quick]            benchmarks -> bench/results/*.json + SUMMARY.md"
+	@echo "make gpu-check                      on an NVIDIA GPU: counter vs power-integral energy"
 	@echo "make mlflow-ui                      MLflow UI on http://127.0.0.1:$(MLFLOW_PORT)"
 	@echo "make prefect-ui                     Prefect server + UI on http://127.0.0.1:$(PREFECT_PORT)"
 	@echo "make clean | distclean              remove run state | and the virtual environment"
@@ -50,7 +52,13 @@ test: setup
 	$(PY) -m pytest
 
 lint: setup
-	$(VENV)/bin/ruff check wattflow flows tasks tests
+	$(VENV)/bin/ruff check wattflow flows tasks tests bench
+
+bench: setup
+	$(PY) -m bench.run $(if $(filter quick,$(BENCH)),--quick)
+
+gpu-check: setup
+	$(PY) -m wattflow.gpu_check
 
 mlflow-ui: setup state
 	$(VENV)/bin/mlflow ui --backend-store-uri "$$MLFLOW_TRACKING_URI" --host 127.0.0.1 --port $(MLFLOW_PORT) --workers 1

@@ -55,7 +55,8 @@ def pipeline(config: PipelineConfig = PipelineConfig()) -> dict:  # noqa: B008 (
                 quantized = [q for q in (f.result() for f in futures) if q is not None]  # None: skipped
             variants = [trained, *pruned, *quantized]
             figures = [f.result() for f in [evaluate.submit(config, v) for v in variants]]
-        tracker.log_energy(parent, total.result, config.energy.carbon_intensity_g_per_kwh, config.energy.pue)
+        tracker.log_energy(parent, total.result)
+        tracker.log_co2e(parent, total.result.energy_j, config.energy)
         rows = summary_rows(variants, figures)
         create_table_artifact(table=rows, key="wattflow-variants",
                               description=f"wattflow variants — MLflow parent run `{parent}`")

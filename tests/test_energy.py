@@ -1,18 +1,20 @@
-"""The energy meter against a fake NVML, a fake RAPL sysfs tree and real CPU time (no GPU needed)."""
+"""The meter core, results, carbon and make_meter, against a fake NVML (no GPU needed).
+NVML specifics: test_energy_nvml.py; RAPL and CPU time: test_energy_rapl_cpu.py; properties:
+test_energy_properties.py."""
 
 from __future__ import annotations
 
 import json
-import subprocess
 import sys
+import threading
 import time
-from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 
 from wattflow.config import EnergyConfig
 from wattflow.energy import (
+    BELOW_RESOLUTION,
     CpuTimeBackend,
     DeviceEnergy,
     EnergyMeter,
@@ -20,12 +22,14 @@ from wattflow.energy import (
     EnergyUnavailableError,
     FakeNvml,
     NvmlBackend,
-    RaplBackend,
+    Resolution,
     carbon_g,
+    co2e_g,
+    combine_nodes,
+    j_to_kwh,
     make_meter,
 )
 from wattflow.energy import rapl as rapl_module
-from wattflow.energy.cputime import process_tree_cpu_s
 
 
 def fake_gpu_meter(power_w: float = 50.0, device_count: int = 1) -> tuple[EnergyMeter, FakeNvml]:
@@ -33,9 +37,19 @@ def fake_gpu_meter(power_w: float = 50.0, device_count: int = 1) -> tuple[Energy
     return EnergyMeter([NvmlBackend(fake, simulated=True)]), fake
 
 
+class ManualClock:
+    def __init__(self, t_s: float = 100.0):
+        self.t_s = t_s
+
+    def __call__(self) -> float:
+        return self.t_s
+
+
 @pytest.fixture(autouse=True)
-def _all_gpus_visible(monkeypatch):
+def _all_gpus_visible_and_no_leaked_threads(monkeypatch):
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    yield
+    assert not [t.name for t in threading.enumerate() if t.name.startswith("wattflow-energy")]
 
 
 # --- fake NVML -----------------------------------------------------------------------------------------
@@ -113,21 +127,22 @@ def test_cuda_visible_devices_by_uuid_and_prefix(monkeypatch):
     assert [d.device for d in w.result.devices] == [f"gpu:2 {fake.uuid(2)}", f"gpu:1 {fake.uuid(1)}"]
 
 
-def test_unsupported_counter_and_counter_going_backwards():
+def test_unsupported_counter_and_counter_going_backwards_fall_back_to_the_power_integral():
     fake = FakeNvml(power_w=50.0, device_count=3)
     fake.supported[1] = False
-    meter = EnergyMeter([NvmlBackend(fake, simulated=True)])
+    meter = EnergyMeter([NvmlBackend(fake, simulated=True, sample_period_s=0.01)])
     with meter.window("w") as w:
-        time.sleep(0.02)
+        time.sleep(0.1)
         fake.offset_mj[2] = -10**9  # driver reload
     gpu0, gpu1, gpu2 = w.result.devices
-    assert gpu0.method == "simulated:nvml" and gpu0.energy_j > 0
-    assert (gpu1.energy_j, gpu1.method) == (None, "unavailable")
-    assert "not supported" in gpu1.note and "not implemented yet" in gpu1.note
-    assert (gpu2.energy_j, gpu2.method) == (None, "unavailable")
-    assert gpu2.note == "counter went backwards (driver reload?)"
-    assert w.result.energy_j == gpu0.energy_j  # the sum covers known devices only
-    assert w.result.method == "simulated:nvml"
+    assert gpu0.method == "simulated:nvml" and gpu0.energy_j > 0 and gpu0.flags == (BELOW_RESOLUTION,)
+    assert gpu1.method == "simulated:nvml-power" and "not supported" in gpu1.note
+    assert gpu2.method == "simulated:nvml-power" and "counter_reset" in gpu2.flags
+    for gpu in (gpu1, gpu2):
+        assert gpu.energy_j == pytest.approx(50.0 * w.result.duration_s, rel=0.05)
+    assert w.result.energy_j == pytest.approx(gpu0.energy_j + gpu1.energy_j + gpu2.energy_j)
+    assert w.result.method == "simulated:nvml+simulated:nvml-power"
+    assert set(w.result.flags) == {"below_resolution", "counter_reset"}
 
 
 @pytest.mark.parametrize("cuda_initialised", [True, False])
@@ -152,22 +167,109 @@ def test_real_nvml_requested_without_a_gpu_is_a_typed_error():
         make_meter(EnergyConfig(backend="nvml"))
 
 
+# --- meter core ----------------------------------------------------------------------------------------
+
+def test_injectable_clock_times_windows_exactly():
+    clock = ManualClock(10.0)
+    meter = EnergyMeter([CpuTimeBackend(3.5)], clock=clock)
+    with meter.window("outer") as outer:
+        clock.t_s = 12.5
+        with meter.window("inner") as inner:
+            clock.t_s = 13.0
+            assert inner.read().duration_s == 0.5
+            clock.t_s = 14.0
+        clock.t_s = 20.0
+    assert (outer.result.duration_s, inner.result.duration_s) == (10.0, 1.5)
+    assert inner.result.devices[0].duration_s == 1.5
+    assert outer.read() is outer.result  # read() of a closed window is its final reading
+
+
+def test_a_window_prints_nothing(capfd):
+    meter, _ = fake_gpu_meter()
+    with meter.window("quiet") as w:
+        pass
+    w.result.to_dict()
+    assert capfd.readouterr() == ("", "")
+
+
 # --- results -------------------------------------------------------------------------------------------
 
 def test_round_trip_and_json():
     r = EnergyResult("train", 12.345678901234567, (
-        DeviceEnergy("gpu:0 GPU-x", 1234.5678901234567, "measured:nvml"),
-        DeviceEnergy("cpu:package-0", 0.1 + 0.2, "measured:rapl", "counter wrapped once (corrected)"),
-        DeviceEnergy("gpu:1 GPU-y", None, "unavailable", "energy counter not supported"),
-    ))
+        DeviceEnergy("gpu:0 GPU-x", 1234.5678901234567, "measured:nvml", kind="gpu", index=0, uuid="GPU-x",
+                     flags=("contended",)),
+        DeviceEnergy("cpu:package-0", 0.1 + 0.2, "measured:rapl", "counter wrapped 1 time (corrected)",
+                     kind="cpu", index=0, uuid="intel-rapl:0", flags=("below_resolution",)),
+        DeviceEnergy("cpu:dram-0", 2.0, "measured:rapl", kind="dram", index=0, uuid="intel-rapl:0:2"),
+        DeviceEnergy("gpu:1 GPU-y", None, "unavailable", "energy counter not supported", kind="gpu", index=1),
+    ), node="node-a")
     d = r.to_dict()
-    text = json.dumps(d)
-    back = EnergyResult.from_dict(json.loads(text))
+    back = EnergyResult.from_dict(json.loads(json.dumps(d)))
     assert back == r
-    assert back.energy_j == r.energy_j == 1234.5678901234567 + (0.1 + 0.2)
+    assert back.energy_j == r.energy_j == 1234.5678901234567 + (0.1 + 0.2) + 2.0
     assert d["method"] == "measured:nvml+measured:rapl"
     assert d["avg_power_w"] == pytest.approx(r.energy_j / 12.345678901234567)
-    assert d["devices"][2]["energy_j"] is None
+    assert d["node"] == "node-a" and d["flags"] == ["below_resolution", "contended"]
+    assert d["energy_by_kind_j"] == {"gpu": 1234.5678901234567, "cpu": 0.1 + 0.2, "dram": 2.0}
+    assert d["scope"] == ("GPU board (NVML) + CPU package (RAPL) + DRAM (RAPL); excludes PSU losses, fans, "
+                          "network, other nodes; unknown: gpu:1 GPU-y")
+    gpu0 = d["devices"][0]
+    assert gpu0 == {"device": "gpu:0 GPU-x", "kind": "gpu", "index": 0, "uuid": "GPU-x",
+                    "energy_j": 1234.5678901234567, "duration_s": 12.345678901234567,
+                    "avg_power_w": 1234.5678901234567 / 12.345678901234567, "method": "measured:nvml",
+                    "flags": ["contended"], "note": ""}
+    assert d["devices"][3]["energy_j"] is None and d["devices"][3]["avg_power_w"] is None
+
+
+def test_older_records_still_load():
+    old = {"name": "train", "duration_s": 2.0, "energy_j": 7.0, "avg_power_w": 3.5, "method": "estimated:cpu-time",
+           "devices": [{"device": "cpu:process-tree", "energy_j": 7.0, "method": "estimated:cpu-time",
+                        "note": "3.5 W/core x 2.000 cpu-s"}]}
+    r = EnergyResult.from_dict(old)
+    assert (r.energy_j, r.node, r.devices[0].kind, r.devices[0].duration_s) == (7.0, "", "other", 2.0)
+
+
+def test_scope_of_an_estimate_and_by_kind():
+    r = EnergyResult("w", 2.0, (DeviceEnergy("cpu:process-tree", 7.0, "estimated:cpu-time",
+                                             "3.5 W/core x 2.000 cpu-s", kind="cpu-estimate"),))
+    assert r.scope == ("CPU time of this process tree x 3.5 W/core (estimate); excludes GPU, DRAM, "
+                       "PSU losses, fans, network, other nodes")
+    assert r.energy_by_kind() == {"gpu": None, "cpu": 7.0, "dram": None}
+    with pytest.raises(ValueError, match="kind"):
+        DeviceEnergy("x", 1.0, "measured:x", kind="tpu")
+
+
+def test_below_resolution_rule():
+    res = Resolution(energy_j=1e-3, update_period_s=0.1)
+    assert not res.below(0.1, 1.0)             # exactly 100 x resolution over exactly 10 updates
+    assert res.below(0.0999, 1.0) and res.below(5.0, 0.999)
+    meter = EnergyMeter([CpuTimeBackend(3.5)])
+    with meter.window("blink") as w:
+        pass
+    assert w.result.flags == (BELOW_RESOLUTION,)
+
+
+def test_combine_nodes():
+    a = EnergyResult("train", 10.0, (DeviceEnergy("gpu:0 GPU-a", 1000.0, "measured:nvml", kind="gpu", index=0),
+                                     DeviceEnergy("cpu:package-0", 200.0, "measured:rapl", kind="cpu")), node="a")
+    b = EnergyResult("train", 12.0, (DeviceEnergy("gpu:0 GPU-b", 1500.0, "measured:nvml", kind="gpu", index=0,
+                                                  flags=("contended",)),), node="b")
+    job = combine_nodes("train", [a, b])
+    assert job.node == "a+b" and job.nodes == ("a", "b")
+    assert job.duration_s == 12.0 and job.energy_j == 2700.0
+    assert [d.device for d in job.devices] == ["a/gpu:0 GPU-a", "a/cpu:package-0", "b/gpu:0 GPU-b"]
+    assert [d.duration_s for d in job.devices] == [10.0, 10.0, 12.0]   # each device keeps its node's window
+    assert job.devices[0].avg_power_w == 100.0
+    assert job.energy_by_kind() == {"gpu": 2500.0, "cpu": 200.0, "dram": None}
+    assert job.flags == ("contended",)
+    assert job.scope.startswith("2 nodes (a, b): GPU board (NVML) + CPU package (RAPL); excludes DRAM")
+    assert "other nodes" not in job.scope
+    assert EnergyResult.from_dict(json.loads(json.dumps(job.to_dict()))) == job
+    assert a.devices[0].device == "gpu:0 GPU-a"  # the per-node records are unchanged
+    with pytest.raises(ValueError, match="once"):
+        combine_nodes("train", [a, a])
+    with pytest.raises(ValueError):
+        combine_nodes("train", [])
 
 
 def test_unknown_energy_is_none_never_zero():
@@ -203,116 +305,14 @@ def test_a_failing_backend_becomes_unavailable_not_a_crash():
     assert meter.method_summary == "estimated:cpu-time+measured:broken"
 
 
-# --- RAPL on a fake sysfs tree -------------------------------------------------------------------------
-
-def make_zone(parent: Path, dirname: str, name: str, energy_uj: int, range_uj: int = 262_143_328_850) -> Path:
-    zone = parent / dirname
-    zone.mkdir(parents=True)
-    (zone / "name").write_text(name + "\n")
-    (zone / "energy_uj").write_text(f"{energy_uj}\n")
-    (zone / "max_energy_range_uj").write_text(f"{range_uj}\n")
-    return zone
-
-
-@pytest.fixture
-def powercap(tmp_path: Path) -> Path:
-    root = tmp_path / "powercap"
-    (root / "intel-rapl").mkdir(parents=True)  # the control type: no counters
-    make_zone(root, "intel-rapl:0", "package-0", 1_000_000)
-    make_zone(root, "intel-rapl:0:0", "core", 500_000)
-    make_zone(root, "intel-rapl:0:1", "uncore", 100_000)
-    make_zone(root / "intel-rapl:0", "intel-rapl:0:2", "dram", 2_000_000)   # only nested
-    make_zone(root, "intel-rapl:1", "package-1", 1_000_000_000, range_uj=1_000_000_500)
-    make_zone(root, "intel-rapl:1:0", "dram", 3_000_000)
-    make_zone(root / "intel-rapl:1", "intel-rapl:1:0", "dram", 3_000_000)  # same subzone, linked twice
-    make_zone(root, "intel-rapl:2", "psys", 9_000_000)
-    make_zone(root, "intel-rapl-mmio:0", "package-0", 1_000_000)
-    return root
-
-
-def bump(root: Path, dirname: str, energy_uj: int) -> None:
-    (root / dirname / "energy_uj").write_text(f"{energy_uj}\n")
-
-
-def test_rapl_zones_exclude_psys_core_uncore_and_mmio(powercap):
-    ok, reason = RaplBackend.available(powercap)
-    assert ok, reason
-    backend = RaplBackend(powercap)
-    assert [z.label for z in backend.zones] == ["cpu:package-0", "cpu:dram-0", "cpu:package-1", "cpu:dram-1"]
-
-
-def test_rapl_window_with_wraparound(powercap):
-    meter = EnergyMeter([RaplBackend(powercap)])
-    with meter.window("train") as w:
-        bump(powercap, "intel-rapl:0", 1_000_000 + 12_500_000)       # +12.5 J
-        bump(powercap / "intel-rapl:0", "intel-rapl:0:2", 2_000_000 + 1_500_000)  # +1.5 J
-        bump(powercap, "intel-rapl:1", 400_000)                       # wrapped: 500 + 400_000 uJ
-        bump(powercap, "intel-rapl:1:0", 3_250_000)                   # +0.25 J
-        bump(powercap, "intel-rapl:2", 99_000_000)                    # psys: must not count
-        bump(powercap, "intel-rapl:0:0", 99_000_000)                  # core: must not count
-    energy = {d.device: d.energy_j for d in w.result.devices}
-    assert energy == pytest.approx({"cpu:package-0": 12.5, "cpu:dram-0": 1.5,
-                                    "cpu:package-1": 0.4005, "cpu:dram-1": 0.25})
-    assert w.result.energy_j == pytest.approx(12.5 + 1.5 + 0.4005 + 0.25)
-    assert w.result.method == "measured:rapl"
-    wrapped = next(d for d in w.result.devices if d.device == "cpu:package-1")
-    assert "wrapped" in wrapped.note
-
-
-def test_rapl_absent(tmp_path):
-    ok, reason = RaplBackend.available(tmp_path / "nope")
-    assert not ok and "absent" in reason
-    (tmp_path / "empty").mkdir()
-    ok, reason = RaplBackend.available(tmp_path / "empty")
-    assert not ok and "no package zones" in reason
-    with pytest.raises(EnergyUnavailableError, match="absent"):
-        RaplBackend(tmp_path / "nope")
-
-
-def test_rapl_permission_denied(powercap, monkeypatch):
-    # Tests may run as root, where chmod 000 does not stop a read: deny it the way the kernel would.
-    real_read = rapl_module._read_text
-
-    def read(path: Path) -> str:
-        if path.name == "energy_uj":
-            raise PermissionError(13, "Permission denied", str(path))
-        return real_read(path)
-
-    monkeypatch.setattr(rapl_module, "_read_text", read)
-    ok, reason = RaplBackend.available(powercap)
-    assert not ok and "permission denied" in reason and "energy_uj" in reason
-
-
-def test_auto_uses_rapl_when_readable(powercap, monkeypatch):
-    monkeypatch.setattr(rapl_module, "DEFAULT_ROOT", str(powercap))
-    meter = make_meter(EnergyConfig(backend="fake-nvml"))
-    assert meter.method_summary == "measured:rapl+simulated:nvml"
-    assert make_meter(EnergyConfig(backend="rapl")).method_summary == "measured:rapl"
-
-
-# --- CPU-time estimate ---------------------------------------------------------------------------------
-
-def test_cpu_time_of_a_waited_subprocess():
-    burn = "import time\nt = time.process_time()\nwhile time.process_time() - t < 0.3: pass"
-    meter = EnergyMeter([CpuTimeBackend(watts_per_core=3.5)])
-    with meter.window("launch") as w:
-        before_s = process_tree_cpu_s()
-        subprocess.run([sys.executable, "-c", burn], check=True)
-        cpu_s = process_tree_cpu_s() - before_s
-    (cpu,) = w.result.devices
-    assert cpu.device == "cpu:process-tree" and cpu.method == "estimated:cpu-time"
-    assert cpu_s >= 0.3
-    assert cpu.energy_j >= 0.3 * 3.5
-    assert cpu.energy_j == pytest.approx(cpu_s * 3.5, rel=0.1)
-    assert cpu.note.startswith("3.5 W/core x ") and cpu.note.endswith(" cpu-s")
-
+# --- make_meter ----------------------------------------------------------------------------------------
 
 def test_make_meter_cpu_time_and_auto_without_hardware(monkeypatch, tmp_path):
     (cpu,) = make_meter(EnergyConfig(backend="cpu-time", cpu_watts_per_core=7.0)).backends
     assert cpu.watts_per_core == 7.0
     monkeypatch.setattr(rapl_module, "DEFAULT_ROOT", str(tmp_path / "none"))
 
-    def no_nvml():
+    def no_nvml(*args, **kwargs):
         raise EnergyUnavailableError("NVML did not initialise: test")
 
     monkeypatch.setattr("wattflow.energy.NvmlBackend", no_nvml)
@@ -323,7 +323,32 @@ def test_make_meter_cpu_time_and_auto_without_hardware(monkeypatch, tmp_path):
     assert any("NVML" in n for n in meter.notes) and any("estimated" in n for n in meter.notes)
 
 
+def test_make_meter_fake_nvml(monkeypatch, tmp_path):
+    monkeypatch.setattr(rapl_module, "DEFAULT_ROOT", str(tmp_path / "none"))
+    meter = make_meter(EnergyConfig(backend="fake-nvml"))
+    assert meter.method_summary == "estimated:cpu-time+simulated:nvml"
+    with meter.window("w") as w:
+        time.sleep(0.01)
+    assert [d.kind for d in w.result.devices] == ["gpu", "cpu-estimate"]
+
+    def mig_fake():
+        fake = FakeNvml()
+        fake.mig_mode[0] = 1
+        return fake
+
+    monkeypatch.setattr("wattflow.energy.FakeNvml", mig_fake)
+    meter = make_meter(EnergyConfig(backend="fake-nvml"))
+    assert any("MIG mode is enabled" in n for n in meter.notes)
+    assert meter.method_summary == "estimated:cpu-time"   # the GPU stays, reported unavailable
+
+
 # --- carbon --------------------------------------------------------------------------------------------
+
+def test_co2e_is_kwh_times_intensity_times_pue():
+    assert carbon_g is co2e_g
+    assert j_to_kwh(3.6e6) == 1.0 and j_to_kwh(1.8e6) == 0.5
+    assert co2e_g(7.2e6, 400.0, 1.5) == 2.0 * 400.0 * 1.5
+
 
 def test_carbon_arithmetic():
     assert carbon_g(3.6e6, 475.0, 1.0) == pytest.approx(475.0)        # 1 kWh

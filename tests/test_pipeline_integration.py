@@ -44,7 +44,7 @@ def tiny_config(tmp_path, **train) -> PipelineConfig:
         "train": {"model": "cnn", "epochs": 8, "lr": 0.1, "cpu_ranks": 2, **train},
         "prune": {"sparsities": [0.8], "fine_tune_epochs": 2},
         "quantize": {"backends": ["onnx-int8-static", "bf16"], "apply_to": "baseline"},
-        "eval": {"repeats": 3, "warmup": 1, "energy_inferences": 2000},
+        "eval": {"repeats": 3, "warmup": 1, "energy_inferences": 2000, "energy_min_window_s": 0.2},
     })
 
 
@@ -63,6 +63,11 @@ def test_pipeline_logs_the_mlflow_contract(prefect_server, mlflow_uri, tmp_path)
     assert parent.info.status == "FINISHED"
     assert parent.data.params["train.epochs"] == "8" and parent.data.params["train.cpu_ranks"] == "2"
     assert parent.data.tags["energy.method"] in ENERGY_METHODS and parent.data.metrics["energy_j"] > 0
+    # carbon, as its own step, with every input beside it
+    assert parent.data.metrics["co2e_g"] == pytest.approx(
+        parent.data.metrics["energy_j"] / 3.6e6 * 481.0 * 1.0)
+    assert parent.data.tags["carbon.intensity_g_per_kwh"] == "481.0" and "Ember" in parent.data.tags[
+        "carbon.intensity_source"]
 
     children = client.search_runs([parent.info.experiment_id],
                                   filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
@@ -73,8 +78,14 @@ def test_pipeline_logs_the_mlflow_contract(prefect_server, mlflow_uri, tmp_path)
         m = child.data.metrics
         assert child.info.status == "FINISHED"
         assert 0.0 < m["accuracy"] <= 1.0 and m["size_bytes"] > 0 and m["energy_j"] > 0
-        assert child.data.tags["energy.method"] in ENERGY_METHODS
-        assert m["latency_b1_s"] > 0 and m["latency_b256_s"] > 0 and m["energy_per_inference_j"] > 0
+        assert child.data.tags["energy.method"] in ENERGY_METHODS and child.data.tags["energy.scope"]
+        assert m["energy_cpu_j"] > 0 and m["power_avg_w"] == pytest.approx(m["energy_j"] / m["energy_duration_s"])
+        (record_file,) = client.list_artifacts(child.info.run_id, "energy")
+        record = mlflow.artifacts.load_dict(f"{child.info.artifact_uri}/{record_file.path}")
+        assert record["energy_j"] == pytest.approx(m["energy_j"]) and record["devices"]
+        assert m["latency_b1_s"] > 0 and m["latency_b256_s"] > 0 and m["energy_per_1k_inferences_j"] > 0
+        assert m["inferences_measured"] >= 2000
+        assert child.data.tags["eval.energy_per_1k_inferences.method"] in ENERGY_METHODS
         assert m["param_count"] >= m["nonzero_params"] > 0 and m["size_lzma_bytes"] > 0
         logged = mlflow.search_logged_models(experiment_ids=[parent.info.experiment_id],
                                              filter_string=f"source_run_id = '{child.info.run_id}'",

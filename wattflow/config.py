@@ -72,7 +72,11 @@ class EvalConfig(_Section):
     warmup: int = Field(3, ge=0, le=1000, description="Untimed runs before timing.")
     threads: int = Field(1, ge=1, le=256, description="Inference threads.")
     energy_inferences: int = Field(20_000, ge=1, le=10**8,
-                                   description="Inferences run inside the energy-per-inference window.")
+                                   description="At least this many inferences inside the energy window.")
+    energy_min_window_s: float = Field(
+        1.0, ge=0.0, le=3600.0,
+        description="Repeat batches until the energy window lasts at least this long, well above the "
+        "counters' resolution and update period.")
 
     @field_validator("batch_sizes")
     @classmethod
@@ -90,9 +94,20 @@ class EnergyConfig(_Section):
         3.5, gt=0.0, le=1000.0,
         description="Watts per fully busy core for the CPU-time estimate (default: Cloud Carbon Footprint's "
         "AWS average max watts per vCPU).")
+    power_sample_period_s: float = Field(
+        0.05, gt=0.0, le=10.0, description="NVML instantaneous-power sampling period (the second reading, used "
+        "where the energy counter is missing or went backwards).")
+    rapl_poll_period_s: float = Field(
+        1.0, gt=0.0, le=60.0, description="RAPL background read period; must be shorter than one counter wrap.")
     carbon_intensity_g_per_kwh: float = Field(
-        475.0, ge=0.0, le=2000.0, description="Grid carbon intensity (default: IEA world average 2019).")
-    pue: float = Field(1.0, ge=1.0, le=3.0, description="Data-centre power usage effectiveness.")
+        481.0, ge=0.0, le=2000.0,
+        description="Grid carbon intensity, gCO2e per kWh (default: world average for 2023, Ember Global "
+        "Electricity Review 2024).")
+    carbon_intensity_source: str = Field(
+        "Ember Global Electricity Review 2024, world average 2023", max_length=300,
+        description="Where the intensity figure comes from; recorded next to every CO2e figure.")
+    pue: float = Field(1.0, ge=1.0, le=3.0, description="Data-centre power usage effectiveness (1.0: none "
+                       "assumed).")
 
 
 class PipelineConfig(_Section):

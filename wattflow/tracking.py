@@ -22,7 +22,8 @@ from mlflow.entities import RunStatus
 from mlflow.tracking import MlflowClient
 from torch import nn
 
-from wattflow.energy import EnergyResult, carbon_g
+from wattflow.config import EnergyConfig
+from wattflow.energy import EnergyResult, co2e_g
 from wattflow.models import load_checkpoint
 
 STAGE_TAG = "wattflow.stage"
@@ -100,14 +101,26 @@ class Tracker:
             if value is not None:
                 self.client.log_metric(run_id, metric_key(key), float(value))
 
-    def log_energy(self, run_id: str, energy: EnergyResult, intensity_g_per_kwh: float, pue: float) -> None:
+    def log_energy(self, run_id: str, energy: EnergyResult) -> None:
+        """The stage's energy: totals per device kind, the method and scope as tags, and the full
+        per-device record as a JSON artifact. Unknown figures are left out, never written as 0."""
+        by_kind = energy.energy_by_kind()
         self.log_metrics(run_id, {
-            "energy_j": energy.energy_j, "energy_duration_s": energy.duration_s,
-            "avg_power_w": energy.avg_power_w, "carbon_g": carbon_g(energy.energy_j, intensity_g_per_kwh, pue),
-            **{f"energy_j.{d.device}": d.energy_j for d in energy.devices}})
+            "energy_j": energy.energy_j, "energy_gpu_j": by_kind.get("gpu"), "energy_cpu_j": by_kind.get("cpu"),
+            "energy_dram_j": by_kind.get("dram"), "power_avg_w": energy.avg_power_w,
+            "energy_duration_s": energy.duration_s})
         self.client.set_tag(run_id, "energy.method", energy.method)
-        self.client.set_tag(run_id, "carbon.inputs",
-                            f"{intensity_g_per_kwh} gCO2e/kWh x PUE {pue} (configured)")
+        self.client.set_tag(run_id, "energy.scope", energy.scope)
+        self.client.set_tag(run_id, "energy.node", energy.node)
+        self.client.set_tag(run_id, "energy.flags", ",".join(energy.flags) or "none")
+        self.client.log_dict(run_id, energy.to_dict(), f"energy/{metric_key(energy.name)}.json")
+
+    def log_co2e(self, run_id: str, energy_j: float | None, cfg: EnergyConfig) -> None:
+        """Carbon as its own explicit step: kWh x grid intensity x PUE, each input recorded beside it."""
+        self.log_metrics(run_id, {"co2e_g": co2e_g(energy_j, cfg.carbon_intensity_g_per_kwh, cfg.pue)})
+        self.client.set_tag(run_id, "carbon.intensity_g_per_kwh", str(cfg.carbon_intensity_g_per_kwh))
+        self.client.set_tag(run_id, "carbon.intensity_source", cfg.carbon_intensity_source)
+        self.client.set_tag(run_id, "carbon.pue", str(cfg.pue))
 
     def end_run(self, run_id: str, ok: bool) -> None:
         status = RunStatus.FINISHED if ok else RunStatus.FAILED
@@ -143,7 +156,7 @@ class Tracker:
                                       pip_requirements=pip_requirements("onnx", "onnxruntime"))
 
 
-def record_stage(tracker: Tracker, parent_run_id: str, name: str, stage: str, work, energy_cfg,
+def record_stage(tracker: Tracker, parent_run_id: str, name: str, stage: str, work, energy_cfg: EnergyConfig,
                  log_model: bool = True):
     """Run `work()` (which returns a StageResult) inside a child run of `parent_run_id`, log the
     stage contract (params, metrics, `energy_j` + `energy.method`, `size_bytes`, the model) and
@@ -154,7 +167,8 @@ def record_stage(tracker: Tracker, parent_run_id: str, name: str, stage: str, wo
         tracker.client.set_tag(run_id, "wattflow.chain", " -> ".join(result.chain))
         tracker.log_params(run_id, result.params)
         tracker.log_metrics(run_id, {**result.metrics, "size_bytes": Path(result.artifact.path).stat().st_size})
-        tracker.log_energy(run_id, result.energy_result, energy_cfg.carbon_intensity_g_per_kwh, energy_cfg.pue)
+        tracker.log_energy(run_id, result.energy_result)
+        tracker.log_co2e(run_id, result.energy_result.energy_j, energy_cfg)
         tracker.client.set_tag(run_id, "artifact.sha256", result.artifact.sha256)
         if log_model:
             tracker.log_model(run_id, result.artifact.path, result.artifact.format)

@@ -1,12 +1,14 @@
-"""A stand-in for the `pynvml` module: GPUs that draw a constant power, so tests need no GPU.
+"""A stand-in for the `pynvml` module, so tests need no GPU. Figures read through it are labelled "simulated".
 
-Only the functions `NvmlBackend` calls exist. Every figure read through it is labelled "simulated:nvml".
+Only the functions and constants `NvmlBackend` uses exist. By default each GPU draws a constant `power_w`
+since construction; the per-device lists below script everything else.
 """
 
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 
 
 class _FakeNVMLError(Exception):
@@ -26,29 +28,97 @@ class _Handle:
     index: int
 
 
-class FakeNvml:
-    """`device_count` GPUs, each drawing `power_w` since construction.
+@dataclass
+class _Value:  # the c_nvmlValue_t union; the fake fills the member its valueType names
+    dVal: float = 0.0
+    uiVal: int = 0
 
-    Test knobs: `supported[i] = False` makes device i lack the energy counter; lowering `offset_mj[i]`
-    makes its counter go backwards (as after a driver reload). `init_calls` counts nvmlInit calls.
+
+@dataclass
+class _FieldValue:  # c_nvmlFieldValue_t
+    fieldId: int
+    timestamp: int          # µs since the epoch of the fake's clock
+    nvmlReturn: int
+    valueType: int = 1      # NVML_VALUE_TYPE_UNSIGNED_INT
+    value: _Value = field(default_factory=_Value)
+    scopeId: int = 0
+    latencyUsec: int = 0
+
+
+@dataclass(frozen=True)
+class _Process:
+    pid: int
+    usedGpuMemory: int = 0
+
+
+Script = list[float] | Callable[[], float] | None
+
+
+def _next(script: Script, reads: int) -> float | None:
+    """A scripted value: None (use the default), a list (one per read, the last repeats) or a callable."""
+    if script is None:
+        return None
+    if callable(script):
+        return script()
+    return script[min(reads, len(script) - 1)]
+
+
+class FakeNvml:
+    """`device_count` GPUs, each drawing `power_w` since construction, timed by `clock` (seconds).
+
+    Per-device knobs (lists indexed by NVML index):
+      supported[i] = False        the energy counter is unsupported (pre-Volta)
+      offset_mj[i]                added to the counter: lower it to simulate a driver reload (counter reset)
+      counter_mj[i]               scripted counter in mJ: a list (one value per read, the last repeats)
+                                  or a callable. NvmlBackend reads it once when built, then per window edge
+      power_supported[i] = False  NVML_FI_DEV_POWER_INSTANT is unsupported
+      power_mw[i]                 scripted instantaneous power in mW: a list or a callable. Read once when
+                                  built, then per window edge and per sampler poll
+    Set them before building the NvmlBackend: it probes counter, power and MIG mode once.
+      mig_mode[i]                 None: no MIG support (Not Supported), 0: disabled, 1: enabled
+      processes[i], graphics_processes[i]   pids running on the GPU
+    `uuids` sets the UUIDs (NVML index order); `init_calls` counts nvmlInit calls.
     """
 
     NVMLError = _FakeNVMLError
+    NVML_SUCCESS = 0
     NVML_ERROR_UNINITIALIZED = 1
     NVML_ERROR_INVALID_ARGUMENT = 2
     NVML_ERROR_NOT_SUPPORTED = 3
+    NVML_FI_DEV_POWER_INSTANT = 186
+    NVML_VALUE_TYPE_DOUBLE = 0
+    NVML_VALUE_TYPE_UNSIGNED_INT = 1
+    NVML_DEVICE_MIG_ENABLE = 1
 
-    def __init__(self, power_w: float = 50.0, device_count: int = 1):
+    def __init__(self, power_w: float = 50.0, device_count: int = 1,
+                 clock: Callable[[], float] = time.monotonic, uuids: list[str] | None = None):
+        n = device_count
         self.power_w = power_w
-        self.device_count = device_count
-        self.supported = [True] * device_count
-        self.offset_mj = [0] * device_count
+        self.device_count = n
+        self.clock = clock
+        self.uuids = list(uuids) if uuids is not None else [self._default_uuid(i) for i in range(n)]
+        if len(self.uuids) != n:
+            raise ValueError(f"need {n} uuids, got {len(self.uuids)}")
+        self.supported = [True] * n
+        self.offset_mj = [0] * n
+        self.counter_mj: list[Script] = [None] * n
+        self.power_supported = [True] * n
+        self.power_mw: list[Script] = [None] * n
+        self.mig_mode: list[int | None] = [None] * n
+        self.processes: list[list[int]] = [[] for _ in range(n)]
+        self.graphics_processes: list[list[int]] = [[] for _ in range(n)]
+        self.counter_reads = [0] * n
+        self.power_reads = [0] * n
         self.init_calls = 0
         self._initialised = False
-        self._t0_s = time.monotonic()
+        self._t0_s = clock()
+
+    @staticmethod
+    def _default_uuid(index: int) -> str:
+        return f"GPU-fa4e{index:04x}-0000-4000-8000-{index:012x}"
 
     def uuid(self, index: int) -> str:
-        return f"GPU-fa4e{index:04x}-0000-4000-8000-{index:012x}"
+        return self.uuids[index]
 
     def nvmlInit(self) -> None:
         self.init_calls += 1
@@ -57,28 +127,61 @@ class FakeNvml:
     def nvmlShutdown(self) -> None:
         self._initialised = False
 
-    def _check(self) -> None:
+    def _check(self, handle: _Handle | None = None) -> None:
         if not self._initialised:
             raise self.NVMLError(self.NVML_ERROR_UNINITIALIZED)
+        if handle is not None and not 0 <= handle.index < self.device_count:
+            raise self.NVMLError(self.NVML_ERROR_INVALID_ARGUMENT)
 
     def nvmlDeviceGetCount(self) -> int:
         self._check()
         return self.device_count
 
     def nvmlDeviceGetHandleByIndex(self, index: int) -> _Handle:
-        self._check()
-        if not 0 <= index < self.device_count:
-            raise self.NVMLError(self.NVML_ERROR_INVALID_ARGUMENT)
+        self._check(_Handle(index))
         return _Handle(index)
 
     def nvmlDeviceGetUUID(self, handle: _Handle) -> str:
-        self._check()
-        return self.uuid(handle.index)
+        self._check(handle)
+        return self.uuids[handle.index]
 
     def nvmlDeviceGetTotalEnergyConsumption(self, handle: _Handle) -> int:
-        """Energy since construction in mJ, as NVML reports it (an integer)."""
-        self._check()
-        if not self.supported[handle.index]:
+        """Energy in mJ, as NVML reports it (an integer)."""
+        self._check(handle)
+        i = handle.index
+        if not self.supported[i]:
             raise self.NVMLError(self.NVML_ERROR_NOT_SUPPORTED)
-        elapsed_s = time.monotonic() - self._t0_s
-        return int(self.power_w * elapsed_s * 1000.0) + self.offset_mj[handle.index]
+        scripted = _next(self.counter_mj[i], self.counter_reads[i])
+        self.counter_reads[i] += 1
+        if scripted is None:
+            scripted = self.power_w * (self.clock() - self._t0_s) * 1000.0
+        return int(scripted) + self.offset_mj[i]
+
+    def nvmlDeviceGetFieldValues(self, handle: _Handle, field_ids: list[int]) -> list[_FieldValue]:
+        self._check(handle)
+        i, now_us = handle.index, int(self.clock() * 1e6)
+        values = []
+        for field_id in field_ids:
+            if field_id != self.NVML_FI_DEV_POWER_INSTANT or not self.power_supported[i]:
+                values.append(_FieldValue(field_id, now_us, self.NVML_ERROR_NOT_SUPPORTED))
+                continue
+            scripted = _next(self.power_mw[i], self.power_reads[i])
+            self.power_reads[i] += 1
+            power_mw = round(self.power_w * 1000.0 if scripted is None else scripted)
+            values.append(_FieldValue(field_id, now_us, self.NVML_SUCCESS, value=_Value(uiVal=power_mw)))
+        return values
+
+    def nvmlDeviceGetMigMode(self, handle: _Handle) -> list[int]:
+        self._check(handle)
+        mode = self.mig_mode[handle.index]
+        if mode is None:
+            raise self.NVMLError(self.NVML_ERROR_NOT_SUPPORTED)
+        return [mode, mode]  # [current, pending]
+
+    def nvmlDeviceGetComputeRunningProcesses(self, handle: _Handle) -> list[_Process]:
+        self._check(handle)
+        return [_Process(pid) for pid in self.processes[handle.index]]
+
+    def nvmlDeviceGetGraphicsRunningProcesses(self, handle: _Handle) -> list[_Process]:
+        self._check(handle)
+        return [_Process(pid) for pid in self.graphics_processes[handle.index]]
