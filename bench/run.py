@@ -35,12 +35,12 @@ def main() -> None:
         (RESULTS / f"{name}.json").write_text(json.dumps(row, indent=2))
         results.append(row)
     table = Table(title=f"wattflow bench ({'quick' if args.quick else 'full'}), {when}")
-    for col in ("row", "median_ratio", "min_ratio", "max_ratio", "target", "pairs"):
+    for col in ("row", "median_ratio", "min_ratio", "max_ratio", "target", "blocks"):
         table.add_column(col)
-    lines = ["| row | median ratio | min | max | target | pairs |", "|---|---|---|---|---|---|"]
+    lines = ["| row | median ratio | min | max | target | blocks |", "|---|---|---|---|---|---|"]
     for r in results:
         cells = [r["row"], f"{r['median_ratio']:.4f}", f"{r['min_ratio']:.4f}", f"{r['max_ratio']:.4f}",
-                 r["target"], str(r["pairs"])]
+                 r["target"], str(r["blocks"])]
         table.add_row(*cells)
         lines.append("| " + " | ".join(cells) + " |")
     lines.append(f"\n{host['cpu_model']}, {host['cores']} cores; torch {host['torch']}, prefect "

@@ -33,6 +33,7 @@ def summary_rows(variants: list[StageResult], figures: list[dict]) -> list[dict]
             "latency_b256_ms": sig(f["latency_b256_s"] * 1e3) if "latency_b256_s" in f else UNKNOWN,
             "stage_energy_j": sig(energy.energy_j, 3),
             "stage_energy_method": energy.method,
+            "stage_energy_flags": ",".join(energy.flags) or "-",
             "stage_duration_s": sig(energy.duration_s, 3),
             "energy_per_1k_inferences_j": sig(f.get("energy_per_1k_inferences_j"), 3),
             "inference_energy_method": f["energy_per_1k_inferences.method"],
@@ -44,7 +45,8 @@ def summary_rows(variants: list[StageResult], figures: list[dict]) -> list[dict]
 TERMINAL_COLUMNS = {
     "variant": "variant", "accuracy": "test acc", "size_bytes": "file B", "size_vs_train_file": "file/train",
     "size_lzma_bytes": "lzma B", "latency_b1_ms": "b1 ms", "latency_b256_ms": "b256 ms",
-    "stage_energy_j": "stage J", "stage_duration_s": "stage s", "energy_per_1k_inferences_j": "J/1k inf",
+    "stage_energy_j": "stage J", "stage_duration_s": "stage s", "stage_energy_flags": "stage flags",
+    "energy_per_1k_inferences_j": "J/1k inf",
 }
 
 

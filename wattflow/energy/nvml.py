@@ -311,6 +311,18 @@ class NvmlBackend:
         return [self._device(gpu, a, b, duration_s, pids)
                 for gpu, a, b, pids in zip(self.devices, start.edges, end.edges, foreign, strict=True)]
 
+    def both_readings(self, start: _Snapshot, end: _Snapshot) -> list[tuple[str, float | None, float | None]]:
+        """(device, counter J, power-integral J) per GPU over one window, for cross-checking the two
+        readings (`make gpu-check`); None where a reading is unavailable or the counter went down."""
+        rows = []
+        for gpu, a, b in zip(self.devices, start.edges, end.edges, strict=True):
+            counter = (None if isinstance(a.counter_mj, str) or isinstance(b.counter_mj, str)
+                       or b.counter_mj < a.counter_mj else mj_to_j(b.counter_mj - a.counter_mj))
+            integral = (None if isinstance(a.integral_j, str) or isinstance(b.integral_j, str)
+                        else b.integral_j - a.integral_j)
+            rows.append((gpu.label, counter, integral))
+        return rows
+
     def _device(self, gpu: _Gpu, a: _Edge, b: _Edge, duration_s: float, foreign: list[int]) -> DeviceEnergy:
         ids = {"kind": "gpu", "index": gpu.index, "uuid": gpu.uuid}
         if gpu.unavailable:

@@ -1,0 +1,14 @@
+import json
+
+from wattflow.gpu_check import main
+
+
+def test_gpu_check_runs_end_to_end_on_a_simulated_gpu(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    assert main(["--fake", "--seconds", "0.3"]) == 0
+    assert "simulated:nvml" in capsys.readouterr().out
+    result = json.loads((tmp_path / "bench/results/gpu_check.json").read_text())
+    assert result["method"] == "simulated:nvml"
+    assert [r["window"] for r in result["rows"]] == ["train", "evaluate", "matmul-bf16"]
+    for row in result["rows"]:  # FakeNvml's counter and power agree, so the two readings must too
+        assert row["counter_j"] > 0 and abs(row["relative_difference"]) < 0.05
