@@ -7,12 +7,14 @@ their descriptions and bounds) as the run form. Recipes are YAML files of the sa
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-QuantBackend = Literal["onnx-int8-static", "onnx-int8-dynamic", "bf16"]
+# onnx-*: ONNX Runtime; bf16: a torch cast; int8-weights / kmeans-4bit: weights snapped to an int8 grid or to
+# 16 shared values (Deep Compression's weight sharing), deployed in wattflow's packed format.
+QuantBackend = Literal["onnx-int8-static", "onnx-int8-dynamic", "bf16", "int8-weights", "kmeans-4bit"]
 
 
 class _Section(BaseModel):
@@ -29,6 +31,10 @@ class DataConfig(_Section):
 
 class TrainConfig(_Section):
     model: Literal["mlp", "cnn"] = Field("cnn", description="Architecture from the model zoo.")
+    mlp_hidden: list[int] = Field([128, 64], min_length=1, max_length=8,
+                                  description="MLP hidden widths (LeNet-300-100 shape: [300, 100]).")
+    cnn_channels: list[int] = Field([16, 32], min_length=1, max_length=4, description="CNN conv channels.")
+    cnn_hidden: int = Field(64, ge=1, le=4096, description="CNN head width.")
     epochs: int = Field(20, ge=1, le=1000, description="Training epochs.")
     batch_size: int = Field(32, ge=1, le=65536, description="Samples per rank per step.")
     lr: float = Field(0.05, gt=0.0, le=10.0, description="Peak learning rate (SGD, Nesterov momentum 0.9).")
@@ -39,31 +45,113 @@ class TrainConfig(_Section):
     seed: int = Field(0, ge=0, le=2**31 - 1, description="Seed of initialisation and shuffling.")
     timeout_s: float = Field(3600.0, gt=0.0, le=7 * 86400.0, description="Kill the launch after this long.")
 
-
-class PruneConfig(_Section):
-    enabled: bool = Field(True, description="Run the pruning stage.")
-    sparsities: list[float] = Field([0.8], min_length=1, max_length=16,
-                                    description="Target global weight sparsities, each in (0, 1).")
-    fine_tune_epochs: int = Field(4, ge=0, le=1000, description="Epochs of fine-tuning with masks applied.")
-    lr: float = Field(0.01, gt=0.0, le=10.0, description="Fine-tuning learning rate (cosine decay).")
-
-    @field_validator("sparsities")
+    @field_validator("mlp_hidden", "cnn_channels")
     @classmethod
-    def _each_in_open_unit_interval(cls, v: list[float]) -> list[float]:
-        for s in v:
-            if not 0.0 < s < 1.0:
-                raise ValueError(f"each sparsity must be in (0, 1); got {s}")
+    def _widths(cls, v: list[int]) -> list[int]:
+        if any(w < 1 or w > 4096 for w in v):
+            raise ValueError(f"each width must be in [1, 4096]; got {v}")
         return v
 
 
+class PruneConfig(_Section):
+    """Defaults for every prune step of the chains."""
+
+    fine_tune_epochs: int = Field(4, ge=0, le=1000, description="Fine-tuning epochs after the last pruning step.")
+    schedule_steps: int = Field(3, ge=1, le=50, description="Gradual pruning: prune -> fine-tune this many times, "
+                                "sparsity rising on a cubic schedule to the target.")
+    lr: float = Field(0.01, gt=0.0, le=10.0, description="Fine-tuning learning rate (cosine decay).")
+    layer_types: list[Literal["linear", "conv"]] = Field(["linear", "conv"], min_length=1,
+                                                         description="Layer types that are pruned.")
+
+
 class QuantizeConfig(_Section):
-    enabled: bool = Field(True, description="Run the quantization stage.")
-    backends: list[QuantBackend] = Field(["onnx-int8-static", "bf16"], min_length=1,
-                                         description="Backends; one that cannot run here is skipped.")
-    apply_to: Literal["baseline", "all"] = Field("all", description="Quantize the trained model only, "
-                                                 "or also every pruned variant.")
     calibration_samples: int = Field(256, ge=1, le=100_000,
                                      description="Training samples used to calibrate static int8.")
+
+
+class DistillConfig(_Section):
+    """Defaults for every distill step: teacher (the step's input) -> a smaller student."""
+
+    student_model: Literal["mlp", "cnn"] = Field("mlp", description="Student architecture.")
+    student_mlp_hidden: list[int] = Field([64, 32], min_length=1, max_length=8, description="Student MLP widths.")
+    student_cnn_channels: list[int] = Field([8, 16], min_length=1, max_length=4, description="Student CNN channels.")
+    student_cnn_hidden: int = Field(32, ge=1, le=4096, description="Student CNN head width.")
+    epochs: int = Field(30, ge=1, le=1000, description="Student training epochs.")
+    lr: float = Field(0.05, gt=0.0, le=10.0, description="Student learning rate (SGD, cosine).")
+    temperature: float = Field(4.0, gt=0.0, le=100.0, description="Softmax temperature T of the soft targets.")
+    alpha: float = Field(0.7, ge=0.0, le=1.0, description="Weight of the soft (KL x T^2) loss; 1 - alpha on "
+                         "the hard-label loss.")
+
+
+class PruneStep(_Section):
+    kind: Literal["prune"] = "prune"
+    method: Literal["unstructured", "structured"] = Field(
+        "unstructured", description="unstructured: zero the smallest weights (global L1); structured: remove "
+        "whole neurons/channels (torch-pruning), so the dense model shrinks.")
+    sparsity: float = Field(gt=0.0, lt=1.0, description="Share of weights zeroed (unstructured) or of "
+                            "channels removed (structured).")
+
+
+class QuantizeStep(_Section):
+    kind: Literal["quantize"] = "quantize"
+    backend: QuantBackend
+
+
+class DistillStep(_Section):
+    kind: Literal["distill"] = "distill"
+
+
+Step = Annotated[PruneStep | QuantizeStep | DistillStep, Field(discriminator="kind")]
+
+
+def step_label(step: PruneStep | QuantizeStep | DistillStep) -> str:
+    if isinstance(step, PruneStep):
+        return f"{'prune' if step.method == 'unstructured' else 'channels'}-{step.sparsity:g}"
+    if isinstance(step, QuantizeStep):
+        return step.backend
+    return "distill"
+
+
+def parse_step(token: str) -> dict:
+    """Compact form: "prune:0.9", "channels:0.5" (structured), "distill", or a quantize backend name."""
+    name, _, arg = token.strip().partition(":")
+    if name in ("prune", "channels"):
+        return {"kind": "prune", "method": "unstructured" if name == "prune" else "structured",
+                "sparsity": arg or None}
+    if name == "distill":
+        return {"kind": "distill"}
+    return {"kind": "quantize", "backend": name}
+
+
+class ChainConfig(_Section):
+    """A variant: steps applied in order to the trained model, e.g. "distill -> prune:0.9 -> int8-weights".
+    Chains sharing a prefix share its work: "prune:0.8" is computed once for all chains that start with it."""
+
+    steps: list[Step] = Field(min_length=1, max_length=8)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _compact(cls, data):
+        if isinstance(data, str):
+            return {"steps": [parse_step(t) for t in data.split("->")]}
+        return data
+
+    @field_validator("steps")
+    @classmethod
+    def _order(cls, steps: list) -> list:
+        kinds = [s.kind for s in steps]
+        if "quantize" in kinds[:-1]:
+            raise ValueError("a quantize step can only be the last step of a chain")
+        if "distill" in kinds[1:]:
+            raise ValueError("a distill step can only be the first step of a chain")
+        return steps
+
+    @property
+    def labels(self) -> list[str]:
+        return [step_label(s) for s in self.steps]
+
+
+DEFAULT_CHAINS = ["prune:0.8", "onnx-int8-static", "bf16", "prune:0.8 -> onnx-int8-static", "prune:0.8 -> bf16"]
 
 
 class EvalConfig(_Section):
@@ -116,8 +204,13 @@ class PipelineConfig(_Section):
                           description="Where checkpoints and exported models are written.")
     data: DataConfig = DataConfig()
     train: TrainConfig = TrainConfig()
+    chains: list[ChainConfig] = Field(
+        [ChainConfig.model_validate(c) for c in DEFAULT_CHAINS], max_length=64,
+        description="Variants to build from the trained model, each a chain of steps; compact form "
+        "'distill -> prune:0.9 -> int8-weights' or a list of step objects.")
     prune: PruneConfig = PruneConfig()
     quantize: QuantizeConfig = QuantizeConfig()
+    distill: DistillConfig = DistillConfig()
     eval: EvalConfig = EvalConfig()
     energy: EnergyConfig = EnergyConfig()
 

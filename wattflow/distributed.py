@@ -73,7 +73,9 @@ def launch_training(cfg: PipelineConfig, out_dir: str | Path, log: Callable[[str
     splits = load_splits(cfg.data.dataset, cfg.data.val_fraction, cfg.data.test_fraction, cfg.data.seed)
     device, nproc = plan_ranks(cfg.train.cpu_ranks)
     job = {"train": cfg.train.model_dump(), "data": cfg.data.model_dump(), "out_dir": str(out_dir),
-           "device": device, "spec": default_spec(cfg.train.model, splits.in_features, splits.num_classes)}
+           "device": device, "spec": default_spec(cfg.train.model, splits.in_features, splits.num_classes,
+                                                 mlp_hidden=cfg.train.mlp_hidden, cnn_channels=cfg.train.cnn_channels,
+                                                 cnn_hidden=cfg.train.cnn_hidden)}
     job_path = out_dir / "job.json"
     job_path.write_text(json.dumps(job, indent=2))
 

@@ -61,12 +61,14 @@ class SmallCNN(nn.Module):
         return self.head(self.features(x.reshape(-1, 1, self.side, self.side)))
 
 
-def default_spec(kind: str, in_features: int = 64, num_classes: int = 10) -> dict[str, Any]:
+def default_spec(kind: str, in_features: int = 64, num_classes: int = 10, *, mlp_hidden: list[int] | None = None,
+                 cnn_channels: list[int] | None = None, cnn_hidden: int = 64) -> dict[str, Any]:
     if kind == "mlp":
-        return {"kind": "mlp", "in_features": in_features, "hidden": [128, 64], "num_classes": num_classes}
-    if kind == "cnn":
-        return {"kind": "cnn", "in_features": in_features, "channels": [16, 32], "hidden": 64,
+        return {"kind": "mlp", "in_features": in_features, "hidden": list(mlp_hidden or [128, 64]),
                 "num_classes": num_classes}
+    if kind == "cnn":
+        return {"kind": "cnn", "in_features": in_features, "channels": list(cnn_channels or [16, 32]),
+                "hidden": cnn_hidden, "num_classes": num_classes}
     raise ValueError(f"unknown model kind {kind!r}; allowed: {', '.join(MODEL_KINDS)}")
 
 
