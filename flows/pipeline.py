@@ -10,6 +10,7 @@ The variants still fan out as futures, so the DAG is what the Prefect UI shows.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 from pathlib import Path
@@ -20,11 +21,12 @@ from prefect.runtime import flow_run
 from prefect.task_runners import ThreadPoolTaskRunner
 from rich.console import Console
 
-from tasks.stages import evaluate, prune, quantize, train
+from tasks.stages import compress, evaluate, train
+from wattflow.chains import plan
 from wattflow.config import ConfigError, PipelineConfig, load_config
 from wattflow.energy import make_meter
 from wattflow.report import rich_table, summary_rows
-from wattflow.tracking import STAGE_TAG, Tracker
+from wattflow.tracking import STAGE_TAG, Tracker, record_ratios
 
 
 @flow(name="wattflow-pipeline", task_runner=ThreadPoolTaskRunner(max_workers=1))
@@ -43,21 +45,17 @@ def pipeline(config: PipelineConfig = PipelineConfig()) -> dict:  # noqa: B008 (
             logger.info("energy: %s", note)
         with meter.window("pipeline") as total:
             trained = train(config, parent, run_dir)
-            pruned = []
-            if config.prune.enabled:
-                futures = [prune.submit(config, parent, run_dir, trained, s) for s in config.prune.sparsities]
-                pruned = [f.result() for f in futures]
-            quantized = []
-            if config.quantize.enabled:
-                sources = [trained, *pruned] if config.quantize.apply_to == "all" else [trained]
-                futures = [quantize.submit(config, parent, run_dir, src, backend)
-                           for src in sources for backend in config.quantize.backends]
-                quantized = [q for q in (f.result() for f in futures) if q is not None]  # None: skipped
-            variants = [trained, *pruned, *quantized]
-            figures = [f.result() for f in [evaluate.submit(config, v) for v in variants]]
+            # Each step waits on its input's future, so chains sharing a prefix fan out from one result.
+            outputs = {(): trained}
+            for planned in plan(config.chains):
+                outputs[planned.key] = compress.submit(config, parent, run_dir, outputs[planned.parent], planned)
+            steps = [outputs[key].result() for key in list(outputs)[1:]]
+            variants = [trained, *(v for v in steps if v is not None)]  # None: skipped, reason logged
+            figures = [f.result() for f in [evaluate.submit(config, run_dir, v) for v in variants]]
         tracker.log_energy(parent, total.result)
         tracker.log_co2e(parent, total.result.energy_j, config.energy)
         rows = summary_rows(variants, figures)
+        record_ratios(tracker, variants, rows)
         create_table_artifact(table=rows, key="wattflow-variants",
                               description=f"wattflow variants — MLflow parent run `{parent}`")
     return {"mlflow_run_id": parent, "rows": rows}
@@ -66,6 +64,7 @@ def pipeline(config: PipelineConfig = PipelineConfig()) -> dict:  # noqa: B008 (
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Run the wattflow pipeline once, here.")
     parser.add_argument("--config", default=os.environ.get("CONFIG") or None, help="YAML recipe")
+    parser.add_argument("--json-out", type=Path, help="also write the summary rows here as JSON")
     args = parser.parse_args(argv)
     console = Console(width=max(Console().width, 120))  # piped output would otherwise fold the table at 80
     try:
@@ -74,6 +73,8 @@ def main(argv: list[str] | None = None) -> int:
         console.print(f"[red]{err}[/red]")
         return 2
     result = pipeline(config)
+    if args.json_out:
+        args.json_out.write_text(json.dumps(result, indent=2))
     console.print(rich_table(result["rows"]))
     console.print(f"MLflow parent run: {result['mlflow_run_id']} (store: {Tracker().tracking_uri})")
     console.print("Look at it:  make mlflow-ui   -> http://127.0.0.1:5000\n"

@@ -11,8 +11,9 @@ from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
 from wattflow import stages
+from wattflow.chains import PlannedStep
 from wattflow.compress.quantize import backend_available
-from wattflow.config import PipelineConfig
+from wattflow.config import PipelineConfig, QuantizeStep
 from wattflow.energy import make_meter
 from wattflow.stages import StageResult
 from wattflow.tracking import Tracker, record_evaluation, record_stage
@@ -27,32 +28,28 @@ def train(cfg: PipelineConfig, parent_run_id: str, run_dir: str) -> StageResult:
         cfg.energy)
 
 
-@task(name="prune", cache_policy=NO_CACHE, tags=["measured"], task_run_name="prune-{sparsity}")
-def prune(cfg: PipelineConfig, parent_run_id: str, run_dir: str, trained: StageResult,
-          sparsity: float) -> StageResult:
-    return record_stage(
-        Tracker(), parent_run_id, f"prune-{sparsity:g}", "prune",
-        lambda: stages.prune_stage(cfg, trained, sparsity, Path(run_dir) / "prune", make_meter(cfg.energy)),
-        cfg.energy)
-
-
-@task(name="quantize", cache_policy=NO_CACHE, tags=["measured"], task_run_name="quantize-{backend}")
-def quantize(cfg: PipelineConfig, parent_run_id: str, run_dir: str, source: StageResult,
-             backend: str) -> StageResult | None:
-    """Returns None, with the reason logged and tagged on the parent run, when the backend can't run here."""
-    ok, reason = backend_available(backend)
-    if not ok:
-        get_run_logger().warning("skipping %s for %s: %s", backend, source.name, reason)
-        Tracker().client.set_tag(parent_run_id, f"skipped.{backend}", reason)
+@task(name="compress", cache_policy=NO_CACHE, tags=["measured"], task_run_name="{planned.name}")
+def compress(cfg: PipelineConfig, parent_run_id: str, run_dir: str, source: StageResult | None,
+             planned: PlannedStep) -> StageResult | None:
+    """One step of a chain. Returns None, with the reason logged and tagged on the parent run, when its
+    input was skipped or its quantize backend cannot run here."""
+    if source is None:
         return None
+    step = planned.step
+    if isinstance(step, QuantizeStep):
+        ok, reason = backend_available(step.backend)
+        if not ok:
+            get_run_logger().warning("skipping %s: %s", planned.name, reason)
+            Tracker().client.set_tag(parent_run_id, f"skipped.{planned.name}", reason)
+            return None
     return record_stage(
-        Tracker(), parent_run_id, stages.quantized_name(source, backend), "quantize",
-        lambda: stages.quantize_stage(cfg, source, backend, Path(run_dir) / "quantize", make_meter(cfg.energy)),
+        Tracker(), parent_run_id, planned.name, step.kind,
+        lambda: stages.step_stage(cfg, planned, source, Path(run_dir) / step.kind, make_meter(cfg.energy)),
         cfg.energy)
 
 
 @task(name="evaluate", cache_policy=NO_CACHE, tags=["measured"], task_run_name="evaluate-{variant.name}")
-def evaluate(cfg: PipelineConfig, variant: StageResult) -> dict[str, float | str]:
-    figures = stages.evaluate_variant(cfg, variant, make_meter(cfg.energy))
+def evaluate(cfg: PipelineConfig, run_dir: str, variant: StageResult) -> dict[str, float | str]:
+    figures = stages.evaluate_variant(cfg, variant, Path(run_dir) / "deploy", make_meter(cfg.energy))
     record_evaluation(Tracker(), variant.mlflow_run_id, figures)
     return figures

@@ -11,17 +11,22 @@ def test_defaults_validate_and_round_trip():
 
 def test_yaml_recipe_overrides_only_what_it_names(tmp_path):
     recipe = tmp_path / "r.yaml"
-    recipe.write_text("train:\n  epochs: 3\n  model: mlp\nprune:\n  sparsities: [0.5, 0.9]\n")
+    recipe.write_text("train:\n  epochs: 3\n  model: mlp\nchains:\n  - prune:0.5\n  - distill -> channels:0.5\n"
+                      "  - steps: [{kind: prune, sparsity: 0.9}, {kind: quantize, backend: kmeans-4bit}]\n")
     cfg = load_config(recipe)
-    assert (cfg.train.epochs, cfg.train.model, cfg.prune.sparsities) == (3, "mlp", [0.5, 0.9])
+    assert (cfg.train.epochs, cfg.train.model) == (3, "mlp")
+    assert [c.labels for c in cfg.chains] == [["prune-0.5"], ["distill", "channels-0.5"], ["prune-0.9", "kmeans-4bit"]]
     assert cfg.train.lr == PipelineConfig().train.lr
 
 
 @pytest.mark.parametrize(("data", "field", "hint"), [
     ({"train": {"epochs": 0}}, "train.epochs", "greater than or equal to 1"),
     ({"train": {"cpu_ranks": 100}}, "train.cpu_ranks", "less than or equal to 64"),
-    ({"prune": {"sparsities": [1.5]}}, "prune.sparsities", "(0, 1)"),
-    ({"quantize": {"backends": ["fp4"]}}, "quantize.backends.0", "onnx-int8-static"),
+    ({"chains": ["prune:1.5"]}, "chains.0.steps.0.prune.sparsity", "less than 1"),
+    ({"chains": ["fp4"]}, "chains.0.steps.0.quantize.backend", "onnx-int8-static"),
+    ({"chains": ["bf16 -> prune:0.5"]}, "chains.0.steps", "quantize step can only be the last"),
+    ({"chains": ["prune:0.5 -> distill"]}, "chains.0.steps", "distill step can only be the first"),
+    ({"train": {"mlp_hidden": [0]}}, "train.mlp_hidden", "[1, 4096]"),
     ({"train": {"epoch": 3}}, "train.epoch", "Extra inputs are not permitted"),
 ])
 def test_invalid_values_name_the_field_and_the_allowed_range(data, field, hint):

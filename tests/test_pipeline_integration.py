@@ -42,8 +42,9 @@ def tiny_config(tmp_path, **train) -> PipelineConfig:
     return PipelineConfig.model_validate({
         "work_dir": str(tmp_path / "artifacts"),
         "train": {"model": "cnn", "epochs": 8, "lr": 0.1, "cpu_ranks": 2, **train},
-        "prune": {"sparsities": [0.8], "fine_tune_epochs": 2},
-        "quantize": {"backends": ["onnx-int8-static", "bf16"], "apply_to": "baseline"},
+        "chains": ["prune:0.8", "onnx-int8-static", "bf16", "distill -> prune:0.9 -> kmeans-4bit"],
+        "prune": {"fine_tune_epochs": 2, "schedule_steps": 2},
+        "distill": {"epochs": 10},
         "eval": {"repeats": 3, "warmup": 1, "energy_inferences": 2000, "energy_min_window_s": 0.2},
     })
 
@@ -72,8 +73,11 @@ def test_pipeline_logs_the_mlflow_contract(prefect_server, mlflow_uri, tmp_path)
     children = client.search_runs([parent.info.experiment_id],
                                   filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
     by_name = {c.info.run_name: c for c in children}
-    assert set(by_name) == {"train", "prune-0.8", "onnx-int8-static", "bf16"}
-    assert {c.data.tags["wattflow.stage"] for c in children} == {"train", "prune", "quantize"}
+    assert set(by_name) == {"train", "prune-0.8", "onnx-int8-static", "bf16", "distill", "distill+prune-0.9",
+                            "distill+prune-0.9+kmeans-4bit"}
+    assert {c.data.tags["wattflow.stage"] for c in children} == {"train", "prune", "quantize", "distill"}
+    assert by_name["distill+prune-0.9+kmeans-4bit"].data.tags["wattflow.chain"] == (
+        "train -> distill -> prune-0.9 -> kmeans-4bit")
     for child in children:
         m = child.data.metrics
         assert child.info.status == "FINISHED"
@@ -86,7 +90,9 @@ def test_pipeline_logs_the_mlflow_contract(prefect_server, mlflow_uri, tmp_path)
         assert m["latency_b1_s"] > 0 and m["latency_b256_s"] > 0 and m["energy_per_1k_inferences_j"] > 0
         assert m["inferences_measured"] >= 2000
         assert child.data.tags["eval.energy_per_1k_inferences.method"] in ENERGY_METHODS
-        assert m["param_count"] >= m["nonzero_params"] > 0 and m["size_lzma_bytes"] > 0
+        assert m["param_count"] >= m["nonzero_params"] > 0 and m["size_lzma_bytes"] > 0 and m["dense_bytes"] > 0
+        assert m["deployable_bytes"] > 0 and m["deployable_compression_ratio"] > 0
+        assert m.get("deployable_identical", 1.0) == 1.0  # a packed artifact predicts exactly as its variant
         logged = mlflow.search_logged_models(experiment_ids=[parent.info.experiment_id],
                                              filter_string=f"source_run_id = '{child.info.run_id}'",
                                              output_format="list")
@@ -104,7 +110,11 @@ def test_pipeline_logs_the_mlflow_contract(prefect_server, mlflow_uri, tmp_path)
     assert flow_run.state.is_completed()
     table = [a for a in artifacts if a.key == "wattflow-variants" and a.flow_run_id == flow_run.id]
     assert len(table) == 1 and "onnx-int8-static" in str(table[0].data)
-    assert [r["variant"] for r in result["rows"]] == ["train", "prune-0.8", "onnx-int8-static", "bf16"]
+    assert [r["variant"] for r in result["rows"]] == ["train", "prune-0.8", "onnx-int8-static", "bf16", "distill",
+                                                      "distill+prune-0.9", "distill+prune-0.9+kmeans-4bit"]
+    smallest = by_name["distill+prune-0.9+kmeans-4bit"].data.metrics
+    # tiny settings here: the quality of compression is the bench's job (make bench)
+    assert smallest["deployable_compression_ratio"] > 20 and smallest["accuracy"] > 0.8
 
 
 def test_a_failed_stage_leaves_its_runs_failed_not_running(prefect_server, mlflow_uri, tmp_path):

@@ -15,18 +15,19 @@ def variant(name: str, energy_j: float | None) -> StageResult:
                        artifact=Artifact(path="/nonexistent", format="torch", sha256="0" * 64))
 
 
-FIGURES = {"accuracy": 0.97, "size_bytes": 1000, "size_lzma_bytes": 800, "nonzero_params": 10,
+FIGURES = {"accuracy": 0.97, "size_bytes": 1000, "size_lzma_bytes": 800, "nonzero_params": 10, "deployable_bytes": 900,
            "latency_b1_s": 2e-5, "latency_b256_s": 1e-3, "energy_per_1k_inferences.method": "estimated:cpu-time"}
 
 
 def test_small_figures_keep_their_digits_and_unknown_is_never_zero():
     assert sig(0.0123456) == 0.01235 and sig(None) == "unknown"
+    second = {**FIGURES, "size_bytes": 500, "deployable_bytes": 300}
     rows = summary_rows([variant("train", 0.004), variant("bf16", None)],
-                        [{**FIGURES, "energy_per_1k_inferences_j": 1e-3}, {**FIGURES, "size_bytes": 500}])
+                        [{**FIGURES, "energy_per_1k_inferences_j": 1e-3}, second])
     assert rows[0]["stage_energy_j"] == 0.004 and rows[0]["energy_per_1k_inferences_j"] == 0.001
     assert rows[1]["stage_energy_j"] == "unknown" and rows[1]["stage_energy_method"] == "unavailable"
     assert rows[1]["energy_per_1k_inferences_j"] == "unknown" and rows[1]["size_vs_train_file"] == 0.5
-    assert rows[0]["latency_b1_ms"] == 0.02
+    assert rows[0]["latency_b1_ms"] == 0.02 and rows[1]["deployable_compression_ratio"] == 3.0
     assert rich_table(rows).row_count == 2
 
 

@@ -4,6 +4,9 @@ workload for the caller's energy window. MLflow and Prefect stay out: the caller
     predict = load_predictor("out/model.int8-static.onnx", "onnx", threads=1)
     accuracy(predict, x_test, y_test); median_latency_s(predict, x_test, 1, repeats=20, warmup=3)
     size_metrics("out/model.int8-static.onnx", "onnx")
+
+Formats: "torch" (a checkpoint), "onnx" (ONNX Runtime, CPU) and "packed" (a .wfp file from
+`wattflow.compress.pack`, run in torch eager like "torch").
 """
 
 from __future__ import annotations
@@ -16,10 +19,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from wattflow.compress.pack import load_packed, read_packed
 from wattflow.models import load_checkpoint
 
 Predictor = Callable[[np.ndarray], np.ndarray]  # float32 [N, F] -> logits float32 [N, C]
-FORMATS = ("torch", "onnx")
+FORMATS = ("torch", "onnx", "packed")
 
 
 def _check_format(fmt: str) -> None:
@@ -29,9 +33,9 @@ def _check_format(fmt: str) -> None:
 
 def load_predictor(path, fmt: str, threads: int = 1) -> Predictor:
     _check_format(fmt)
-    if fmt == "torch":
+    if fmt in ("torch", "packed"):
         torch.set_num_threads(threads)  # process-wide: torch has no per-model thread pool
-        model, _, _ = load_checkpoint(path)
+        model, _, _ = load_checkpoint(path) if fmt == "torch" else load_packed(path)
         dtype = next(model.parameters()).dtype
 
         def predict_torch(x: np.ndarray) -> np.ndarray:
@@ -102,11 +106,15 @@ def size_metrics(path, fmt: str) -> dict[str, int]:
 
     param_count     elements of the weight and bias tensors
     nonzero_params  of those, elements whose real value is nonzero
-    param_bytes     bytes those tensors occupy at their stored dtype (int8 weights: 1 byte each)
-    file_bytes      the serialized file as written (the deployable artifact)
+    dense_bytes     bytes those tensors occupy densely at their stored dtype (int8 weights: 1 byte each)
+    file_bytes      the serialized file as written
     lzma_bytes      that file lzma-compressed (preset 9): what sparsity buys once stored compressed
 
-    torch: every tensor of the checkpoint's state_dict. onnx: the initializers that feed a weight or
+    A torch checkpoint is not what gets deployed: `wattflow.compress.pack.deployable_artifact` makes the
+    .wfp file, whose file_bytes (fmt "packed") are the deployable size; a .wfp is already lzma-compressed.
+
+    torch: every tensor of the checkpoint's state_dict. packed: the same tensors as they load (at the
+    source dtype: a grid-coded float32 weight counts 4 bytes dense). onnx: the initializers that feed a weight or
     bias input of a compute op (Conv, Gemm, MatMul, Add and their QLinear/QGemm/Integer forms), directly
     or through a DequantizeLinear/Reshape/Transpose/Cast. Scales, zero points and shape constants are
     not parameters, so an int8 model has the same param_count as its fp32 source. A quantized weight
@@ -115,10 +123,10 @@ def size_metrics(path, fmt: str) -> dict[str, int]:
     _check_format(fmt)
     data = Path(path).read_bytes()
     sizes = {"file_bytes": len(data), "lzma_bytes": len(lzma.compress(data, preset=9))}
-    params = _torch_params(path) if fmt == "torch" else _onnx_params(path)
+    params = {"torch": _torch_params, "packed": _packed_params, "onnx": _onnx_params}[fmt](path)
     sizes["param_count"] = sum(int(values.size) for values, _, _ in params)
     sizes["nonzero_params"] = sum(int(np.count_nonzero(values != zp)) for values, zp, _ in params)
-    sizes["param_bytes"] = sum(nbytes for _, _, nbytes in params)
+    sizes["dense_bytes"] = sum(nbytes for _, _, nbytes in params)
     return sizes
 
 
@@ -127,7 +135,14 @@ Param = tuple[np.ndarray, np.ndarray | int, int]
 
 
 def _torch_params(path) -> list[Param]:
-    state = torch.load(path, map_location="cpu", weights_only=True)["state_dict"]
+    return _state_params(torch.load(path, map_location="cpu", weights_only=True)["state_dict"])
+
+
+def _packed_params(path) -> list[Param]:
+    return _state_params(read_packed(path)[2])
+
+
+def _state_params(state: dict[str, torch.Tensor]) -> list[Param]:
     # float() is exact for bf16/fp16 (numpy has no bf16) and keeps -0.0 counted as zero.
     return [(t.float().numpy() if t.is_floating_point() else t.numpy(), 0, t.numel() * t.element_size())
             for t in state.values()]

@@ -17,6 +17,7 @@ def sig(x: float | None, digits: int = 4) -> float | str:
 def summary_rows(variants: list[StageResult], figures: list[dict]) -> list[dict]:
     """The first variant is the trained model: size ratios are against its serialized file."""
     baseline_bytes = figures[0]["size_bytes"]
+    baseline_deployable = figures[0]["deployable_bytes"]
     rows = []
     for v, f in zip(variants, figures, strict=True):
         energy = v.energy_result
@@ -28,6 +29,9 @@ def summary_rows(variants: list[StageResult], figures: list[dict]) -> list[dict]
             "size_bytes": f["size_bytes"],
             "size_vs_train_file": sig(f["size_bytes"] / baseline_bytes, 3),
             "size_lzma_bytes": f["size_lzma_bytes"],
+            "deployable_bytes": f["deployable_bytes"],
+            # One definition per ratio, named: deployable bytes of the trained model / of this variant.
+            "deployable_compression_ratio": sig(baseline_deployable / f["deployable_bytes"], 3),
             "nonzero_params": f["nonzero_params"],
             "latency_b1_ms": sig(f["latency_b1_s"] * 1e3) if "latency_b1_s" in f else UNKNOWN,
             "latency_b256_ms": sig(f["latency_b256_s"] * 1e3) if "latency_b256_s" in f else UNKNOWN,
@@ -43,8 +47,8 @@ def summary_rows(variants: list[StageResult], figures: list[dict]) -> list[dict]
 
 # Terminal column -> header: short enough for a 120-column terminal.
 TERMINAL_COLUMNS = {
-    "variant": "variant", "accuracy": "test acc", "size_bytes": "file B", "size_vs_train_file": "file/train",
-    "size_lzma_bytes": "lzma B", "latency_b1_ms": "b1 ms", "latency_b256_ms": "b256 ms",
+    "variant": "variant", "accuracy": "test acc", "size_bytes": "file B", "deployable_bytes": "deploy B",
+    "deployable_compression_ratio": "deploy x", "latency_b1_ms": "b1 ms", "latency_b256_ms": "b256 ms",
     "stage_energy_j": "stage J", "stage_duration_s": "stage s", "stage_energy_flags": "stage flags",
     "energy_per_1k_inferences_j": "J/1k inf",
 }
@@ -52,7 +56,9 @@ TERMINAL_COLUMNS = {
 
 def rich_table(rows: list[dict], title: str = "wattflow variants") -> Table:
     methods = sorted({r["stage_energy_method"] for r in rows} | {r["inference_energy_method"] for r in rows})
-    table = Table(title=title, caption=f"energy method: {', '.join(methods)}; sizes: serialized file bytes")
+    caption = (f"energy method: {', '.join(methods)}; file B: serialized file; deploy B: deployable artifact "
+               "(packed .wfp or .onnx); deploy x: train's deployable bytes / variant's")
+    table = Table(title=title, caption=caption)
     for key, header in TERMINAL_COLUMNS.items():
         table.add_column(header, justify="left" if key == "variant" else "right")
     for row in rows:

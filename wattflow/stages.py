@@ -4,28 +4,33 @@ Prefect tasks wrap these; MLflow logging lives in `wattflow.tracking`."""
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Literal
 
+import numpy as np
 from pydantic import BaseModel
 
+from wattflow.chains import PlannedStep
+from wattflow.compress.distill import distill_checkpoint
+from wattflow.compress.pack import deployable_artifact
 from wattflow.compress.prune import prune_checkpoint
 from wattflow.compress.quantize import quantize_checkpoint
-from wattflow.config import PipelineConfig
+from wattflow.config import PipelineConfig, PruneStep, QuantizeStep
 from wattflow.data import Splits, load_splits
 from wattflow.distributed import launch_training
 from wattflow.energy import EnergyMeter, EnergyResult
-from wattflow.evaluate import accuracy, load_predictor, median_latency_s, run_inferences, size_metrics
-from wattflow.models import sha256_file
+from wattflow.evaluate import load_predictor, median_latency_s, run_inferences, size_metrics
+from wattflow.models import default_spec, sha256_file
 
-Stage = Literal["train", "prune", "quantize"]
+Stage = Literal["train", "prune", "quantize", "distill"]
 
 
 class Artifact(BaseModel):
     path: str
-    format: Literal["torch", "onnx"]
+    format: Literal["torch", "onnx"]  # how the variant runs: eager torch, or ONNX Runtime
     sha256: str
 
 
@@ -61,38 +66,52 @@ def train_stage(cfg: PipelineConfig, out_dir: Path, meter: EnergyMeter,
         energy=w.result.to_dict())
 
 
-def prune_stage(cfg: PipelineConfig, parent: StageResult, sparsity: float, out_dir: Path,
-                meter: EnergyMeter) -> StageResult:
-    name = f"prune-{sparsity:g}"
-    with meter.window(name) as w:
-        out = prune_checkpoint(parent.artifact.path, out_dir / f"{name}.pt", sparsity, splits_for(cfg).train,
-                               cfg.prune.fine_tune_epochs, cfg.prune.lr, cfg.train.batch_size, cfg.train.seed,
-                               expected_sha256=parent.artifact.sha256)
+def step_stage(cfg: PipelineConfig, planned: PlannedStep, source: StageResult, out_dir: Path,
+               meter: EnergyMeter) -> StageResult:
+    """Run one step of a chain on `source` (the trained model or the previous step's output).
+    Raises `BackendUnavailable` when a quantize backend cannot run here (the caller skips it)."""
+    step = planned.step
+    with meter.window(planned.name) as w:
+        if isinstance(step, PruneStep):
+            artifact, params, metrics = _prune(cfg, step, source, out_dir / f"{planned.name}.pt")
+        elif isinstance(step, QuantizeStep):
+            artifact, params, metrics = _quantize(cfg, step, source, out_dir / planned.name)
+        else:
+            artifact, params, metrics = _distill(cfg, source, out_dir / f"{planned.name}.pt")
+    return StageResult(name=planned.name, stage=step.kind, chain=[*source.chain, planned.key[-1]],
+                       artifact=artifact, params=params, metrics=metrics, energy=w.result.to_dict())
+
+
+def _prune(cfg: PipelineConfig, step: PruneStep, source: StageResult, out_path: Path):
+    out = prune_checkpoint(source.artifact.path, out_path, step.sparsity, splits_for(cfg).train,
+                           cfg.prune.fine_tune_epochs, cfg.prune.lr, cfg.train.batch_size, cfg.train.seed,
+                           expected_sha256=source.artifact.sha256, method=step.method,
+                           schedule_steps=cfg.prune.schedule_steps, layer_types=tuple(cfg.prune.layer_types))
+    params = {"target_sparsity": step.sparsity, "method": f"global-l1-{step.method}",
+              "fine_tune_epochs": cfg.prune.fine_tune_epochs, "schedule_steps": cfg.prune.schedule_steps,
+              "layer_types": ",".join(cfg.prune.layer_types)}
     metrics = {"sparsity": out.sparsity, **{f"sparsity.{k}": v for k, v in out.layer_sparsity.items()}}
-    return StageResult(
-        name=name, stage="prune", chain=[*parent.chain, name],
-        artifact=Artifact(path=out.checkpoint, format="torch", sha256=out.sha256),
-        params={"target_sparsity": sparsity, "method": "global-l1-unstructured",
-                "fine_tune_epochs": cfg.prune.fine_tune_epochs},
-        metrics=metrics, energy=w.result.to_dict())
+    return Artifact(path=out.checkpoint, format="torch", sha256=out.sha256), params, metrics
 
 
-def quantized_name(parent: StageResult, backend: str) -> str:
-    return backend if parent.stage == "train" else f"{parent.name}+{backend}"
-
-
-def quantize_stage(cfg: PipelineConfig, parent: StageResult, backend: str, out_dir: Path,
-                   meter: EnergyMeter) -> StageResult:
-    """Raises `BackendUnavailable` when the backend cannot run here (the caller skips it)."""
-    name = quantized_name(parent, backend)
+def _quantize(cfg: PipelineConfig, step: QuantizeStep, source: StageResult, out_dir: Path):
     calibration = splits_for(cfg).train.x[: cfg.quantize.calibration_samples]
-    with meter.window(name) as w:
-        out = quantize_checkpoint(parent.artifact.path, backend, out_dir / name, calibration)
-    return StageResult(
-        name=name, stage="quantize", chain=[*parent.chain, backend],
-        artifact=Artifact(path=out.path, format=out.format, sha256=sha256_file(out.path)),
-        params={"backend": backend, "calibration_samples": cfg.quantize.calibration_samples, "note": out.note},
-        energy=w.result.to_dict())
+    out = quantize_checkpoint(source.artifact.path, step.backend, out_dir, calibration)
+    params = {"backend": step.backend, "calibration_samples": cfg.quantize.calibration_samples, "note": out.note}
+    return Artifact(path=out.path, format=out.format, sha256=sha256_file(out.path)), params, {}
+
+
+def _distill(cfg: PipelineConfig, source: StageResult, out_path: Path):
+    d, splits = cfg.distill, splits_for(cfg)
+    spec = default_spec(d.student_model, splits.in_features, splits.num_classes, mlp_hidden=d.student_mlp_hidden,
+                        cnn_channels=d.student_cnn_channels, cnn_hidden=d.student_cnn_hidden)
+    out = distill_checkpoint(source.artifact.path, out_path, spec, splits.train, splits.val, d.epochs, d.lr,
+                             d.temperature, d.alpha, cfg.train.batch_size, cfg.train.seed,
+                             expected_sha256=source.artifact.sha256)
+    params = {"student": json.dumps(out.student_spec), "epochs": d.epochs, "temperature": d.temperature,
+              "alpha": d.alpha, "lr": d.lr}
+    metrics = {"val_accuracy": out.val_accuracy, "student_params": out.student_params}
+    return Artifact(path=out.checkpoint, format="torch", sha256=out.sha256), params, metrics
 
 
 def inference_energy(cfg: PipelineConfig, name: str, predict, x, meter: EnergyMeter) -> dict[str, float | str]:
@@ -115,20 +134,30 @@ def inference_energy(cfg: PipelineConfig, name: str, predict, x, meter: EnergyMe
     return figures
 
 
-def evaluate_variant(cfg: PipelineConfig, variant: StageResult, meter: EnergyMeter) -> dict[str, float | str]:
-    """Test accuracy, latency per batch size, energy per inference and every size definition,
-    measured with the runtime the variant deploys on, one thread (cfg.eval.threads)."""
+def evaluate_variant(cfg: PipelineConfig, variant: StageResult, deploy_dir: Path,
+                     meter: EnergyMeter) -> dict[str, float | str]:
+    """Test accuracy, latency per batch size, energy per inference, every size definition, and the deployable
+    artifact (checked to predict exactly as the variant), measured with the runtime the variant deploys on,
+    one thread (cfg.eval.threads)."""
     splits = splits_for(cfg)
     art = variant.artifact
     if sha256_file(art.path) != art.sha256:
         raise ValueError(f"{art.path} changed since its stage wrote it (sha256 mismatch)")
     predict = load_predictor(art.path, art.format, cfg.eval.threads)
-    figures: dict[str, float | str] = {"accuracy": accuracy(predict, splits.test.x, splits.test.y)}
+    logits = predict(splits.test.x)
+    figures: dict[str, float | str] = {"accuracy": float((logits.argmax(axis=1) == splits.test.y).mean())}
     for batch in cfg.eval.batch_sizes:
         figures[f"latency_b{batch}_s"] = median_latency_s(predict, splits.test.x, batch, cfg.eval.repeats,
                                                           cfg.eval.warmup)
     figures.update(inference_energy(cfg, variant.name, predict, splits.test.x, meter))
     sizes = size_metrics(art.path, art.format)
     figures.update({"param_count": sizes["param_count"], "nonzero_params": sizes["nonzero_params"],
-                    "size_bytes": sizes["file_bytes"], "size_lzma_bytes": sizes["lzma_bytes"]})
+                    "dense_bytes": sizes["dense_bytes"], "size_bytes": sizes["file_bytes"],
+                    "size_lzma_bytes": sizes["lzma_bytes"]})
+    deploy_path, deploy_bytes = deployable_artifact(art.path, art.format, deploy_dir)
+    figures["deployable_bytes"] = deploy_bytes
+    figures["deployable.path"] = deploy_path
+    if deploy_path != art.path:  # a packed file: it must give exactly the variant's outputs
+        deployed = load_predictor(deploy_path, "packed", cfg.eval.threads)(splits.test.x)
+        figures["deployable_identical"] = float(np.array_equal(deployed, logits))
     return figures

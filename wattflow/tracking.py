@@ -181,3 +181,11 @@ def record_evaluation(tracker: Tracker, run_id: str, figures: dict[str, float | 
     for key, value in figures.items():
         if isinstance(value, str):
             tracker.client.set_tag(run_id, f"eval.{key}", value)
+
+
+def record_ratios(tracker: Tracker, variants, rows: list[dict]) -> None:
+    """Ratios need every variant's figures, so they are logged once all are evaluated."""
+    for variant, row in zip(variants, rows, strict=True):
+        tracker.log_metrics(variant.mlflow_run_id, {
+            "deployable_compression_ratio": row["deployable_compression_ratio"],
+            "size_ratio_vs_train_file": row["size_vs_train_file"]})

@@ -1,5 +1,7 @@
 """Quantization backends for CPU deployment, built on maintained paths only (`torch.ao.quantization` is
-deprecated): ONNX Runtime int8 (static and dynamic) and a plain bf16 cast.
+deprecated): ONNX Runtime int8 (static and dynamic), a plain bf16 cast, and weight-only grids
+("int8-weights", "kmeans-4bit": float32 checkpoints whose weights lie on a grid recorded in meta, which
+`wattflow.compress.pack` stores as codes).
 
     art = quantize_checkpoint("model.pt", "onnx-int8-static", "out/", calibration_x=x_train[:256])
     art.path, art.format  # "out/model.int8-static.onnx", "onnx"
@@ -25,6 +27,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from wattflow.compress.weights import snap_int8, snap_kmeans
 from wattflow.config import QuantBackend
 from wattflow.models import atomic_write, load_checkpoint, save_checkpoint, sha256_file
 
@@ -34,7 +37,14 @@ BACKENDS: tuple[str, ...] = get_args(QuantBackend)
 AGREEMENT_TOLERANCE = 0.005  # share of calibration samples a smaller layout may flip vs the best one
 CALIBRATION_BATCH = 64
 _SUFFIX = {"onnx-int8-static": ".int8-static.onnx", "onnx-int8-dynamic": ".int8-dynamic.onnx",
-           "bf16": ".bf16.pt"}
+           "bf16": ".bf16.pt", "int8-weights": ".int8w.pt", "kmeans-4bit": ".kmeans4.pt"}
+# backend -> (snap the float32 model in place and return its meta, what the note says)
+_WEIGHT_GRIDS = {
+    "int8-weights": (snap_int8, "per-channel symmetric int8 weights; biases fp32"),
+    "kmeans-4bit": (lambda m: snap_kmeans(m, bits=4),
+                    "per-layer k-means weight sharing: 15 shared values + exact zero (4-bit codes), "
+                    "no fine-tune; biases fp32"),
+}
 
 
 class BackendUnavailable(RuntimeError):
@@ -56,6 +66,8 @@ def backend_available(backend: str) -> tuple[bool, str]:
     if backend == "bf16":
         return True, ("native bf16 instructions" if _cpu_has_bf16()
                       else "no native bf16 on this CPU: emulated, slow")
+    if backend in _WEIGHT_GRIDS:
+        return True, "plain torch"
     try:
         import onnx  # noqa: F401
         import onnxruntime
@@ -118,7 +130,8 @@ def quantize_checkpoint(ckpt_path, backend: str, out_dir,
     """Quantize the checkpoint at `ckpt_path` into `out_dir` (file named `<stem><backend suffix>`).
 
     `calibration_x` (float32 [N, in_features]) is required by "onnx-int8-static"; for
-    "onnx-int8-dynamic" it is optional and only measures agreement with fp32 for the note."""
+    "onnx-int8-dynamic", "int8-weights" and "kmeans-4bit" it is optional and only measures agreement
+    with the source model for the note."""
     ok, reason = backend_available(backend)
     if not ok:
         raise BackendUnavailable(reason)
@@ -128,6 +141,8 @@ def quantize_checkpoint(ckpt_path, backend: str, out_dir,
         meta = {**meta, "quantized": "bf16", "source_sha256": sha256_file(ckpt_path)}
         save_checkpoint(out_path, model.to(torch.bfloat16), spec, meta)
         return QuantizedArtifact(str(out_path), "torch", backend, reason)
+    if backend in _WEIGHT_GRIDS:
+        return _snap_weights(ckpt_path, backend, out_path, calibration_x)
 
     in_features = int(spec["in_features"])
     if calibration_x is not None:
@@ -148,6 +163,21 @@ def quantize_checkpoint(ckpt_path, backend: str, out_dir,
             best, note = _dynamic_int8(pre, Path(tmp), calibration_x)
         atomic_write(out_path, lambda t: _save_tidy(best, t))
     return QuantizedArtifact(str(out_path), "onnx", backend, note)
+
+
+def _snap_weights(ckpt_path, backend: str, out_path: Path, calibration_x: np.ndarray | None
+                  ) -> QuantizedArtifact:
+    source, spec, meta = load_checkpoint(ckpt_path)
+    model = copy.deepcopy(source).float()  # the grids are float32 values, whatever the source dtype
+    snap, note = _WEIGHT_GRIDS[backend]
+    meta = {**meta, **snap(model), "quantized": backend, "source_sha256": sha256_file(ckpt_path)}
+    save_checkpoint(out_path, model, spec, meta)
+    if calibration_x is not None:
+        x = torch.from_numpy(np.ascontiguousarray(calibration_x, dtype=np.float32))
+        with torch.inference_mode():
+            agree = (source(x.to(next(source.parameters()).dtype)).argmax(1) == model(x).argmax(1))
+        note += f"; top-1 agreement with the source {float(agree.float().mean()):.4f} on {len(x)} samples"
+    return QuantizedArtifact(str(out_path), "torch", backend, note)
 
 
 def _pre_process(src: Path, dst: Path) -> None:
