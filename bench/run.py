@@ -14,10 +14,10 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from bench import compression, meter_overhead
+from bench import compression, meter_overhead, speed
 from bench.machine import machine
 
-BENCHES = {"meter_overhead": meter_overhead.run, "compression": compression.run}
+BENCHES = {"meter_overhead": meter_overhead.run, "speed": speed.run, "compression": compression.run}
 RESULTS = Path(__file__).parent / "results"
 COLUMNS = ("row", "figure", "value", "target", "met")
 

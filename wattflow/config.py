@@ -14,7 +14,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 # onnx-*: ONNX Runtime; bf16: a torch cast; int8-weights / kmeans-4bit: weights snapped to an int8 grid or to
 # 16 shared values (Deep Compression's weight sharing), deployed in wattflow's packed format.
-QuantBackend = Literal["onnx-int8-static", "onnx-int8-dynamic", "bf16", "int8-weights", "kmeans-4bit"]
+QuantBackend = Literal["onnx-int8-static", "onnx-int8-dynamic", "bf16", "int8-weights", "kmeans-4bit",
+                       "torchao-int8-dynamic", "torchao-int8-weight-only", "torchao-fp8"]
 
 
 class _Section(BaseModel):
@@ -27,6 +28,8 @@ class DataConfig(_Section):
     val_fraction: float = Field(0.15, gt=0.0, lt=0.5, description="Share of samples held out for validation.")
     test_fraction: float = Field(0.2, gt=0.0, lt=0.5, description="Share of samples held out for the test.")
     seed: int = Field(0, ge=0, le=2**31 - 1, description="Seed of the stratified split.")
+    augment_factor: int = Field(1, ge=1, le=64, description="Grow the train split to this many times its size "
+                                "with deterministic shifted copies of its images (val and test untouched).")
 
 
 class TrainConfig(_Section):

@@ -6,7 +6,8 @@ workload for the caller's energy window. MLflow and Prefect stay out: the caller
     size_metrics("out/model.int8-static.onnx", "onnx")
 
 Formats: "torch" (a checkpoint), "onnx" (ONNX Runtime, CPU) and "packed" (a .wfp file from
-`wattflow.compress.pack`, run in torch eager like "torch").
+`wattflow.compress.pack`, run in torch eager like "torch"). A checkpoint with meta {"torchao": config} runs
+with that torchao quantization re-applied (compiled), on CUDA for the CUDA-only torchao backends.
 """
 
 from __future__ import annotations
@@ -31,17 +32,27 @@ def _check_format(fmt: str) -> None:
         raise ValueError(f"unknown model format {fmt!r}; allowed: {', '.join(FORMATS)}")
 
 
-def load_predictor(path, fmt: str, threads: int = 1) -> Predictor:
+def load_predictor(path, fmt: str, threads: int = 1, compile: bool = True) -> Predictor:
+    """A predictor for the model at `path`. A checkpoint (or .wfp) whose meta names a torchao config is
+    quantized with it here and, when `compile`, wrapped in torch.compile and warmed up (seconds per model):
+    its latency is that of the real torchao runtime, not of the fp32 weights it is stored as. Raises
+    `wattflow.compress.quantize.BackendUnavailable` when that runtime cannot run on this machine."""
     _check_format(fmt)
     if fmt in ("torch", "packed"):
         torch.set_num_threads(threads)  # process-wide: torch has no per-model thread pool
-        model, _, _ = load_checkpoint(path) if fmt == "torch" else load_packed(path)
+        model, spec, meta = load_checkpoint(path) if fmt == "torch" else load_packed(path)
         dtype = next(model.parameters()).dtype
+        device = torch.device("cpu")
+        if meta.get("torchao"):
+            from wattflow.compress.torchao_backend import runtime
+
+            model, device = runtime(model, str(meta["torchao"]), int(spec["in_features"]), compile=compile)
+            dtype = torch.float32
 
         def predict_torch(x: np.ndarray) -> np.ndarray:
             with torch.inference_mode():
-                logits = model(torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)).to(dtype))
-            return logits.float().numpy()
+                logits = model(torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)).to(device, dtype))
+            return logits.float().cpu().numpy()
 
         return predict_torch
 

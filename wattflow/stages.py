@@ -50,7 +50,8 @@ class StageResult(BaseModel):
 
 
 def splits_for(cfg: PipelineConfig) -> Splits:
-    return load_splits(cfg.data.dataset, cfg.data.val_fraction, cfg.data.test_fraction, cfg.data.seed)
+    return load_splits(cfg.data.dataset, cfg.data.val_fraction, cfg.data.test_fraction, cfg.data.seed,
+                       cfg.data.augment_factor)
 
 
 def train_stage(cfg: PipelineConfig, out_dir: Path, meter: EnergyMeter,

@@ -64,7 +64,8 @@ def main(job_path: str) -> None:
     device = torch.device(f"cuda:{local_rank}" if use_cuda else "cpu")
     dist.init_process_group(backend="nccl" if use_cuda else "gloo")
 
-    splits = load_splits(data_cfg.dataset, data_cfg.val_fraction, data_cfg.test_fraction, data_cfg.seed)
+    splits = load_splits(data_cfg.dataset, data_cfg.val_fraction, data_cfg.test_fraction, data_cfg.seed,
+                         data_cfg.augment_factor)
     train_ds = TensorDataset(torch.from_numpy(splits.train.x), torch.from_numpy(splits.train.y))
     sampler = DistributedSampler(train_ds, num_replicas=world, rank=rank, shuffle=True, seed=cfg.seed)
     loader = DataLoader(train_ds, batch_size=cfg.batch_size, sampler=sampler)

@@ -43,6 +43,9 @@ def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor
     return alpha * soft + (1.0 - alpha) * hard
 
 
+GRAD_CLIP_NORM = 5.0
+
+
 def distill_checkpoint(teacher_ckpt: str | Path, out_path: str | Path, student_spec: dict[str, Any], train: Split,
                        val: Split, epochs: int, lr: float, temperature: float, alpha: float, batch_size: int = 32,
                        seed: int = 0, expected_sha256: str | None = None) -> DistillOutput:
@@ -71,8 +74,13 @@ def distill_checkpoint(teacher_ckpt: str | Path, out_path: str | Path, student_s
     for _ in range(epochs):
         for xb, yb, tb in loader:
             loss = distillation_loss(student(xb), tb, yb, temperature, alpha)
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"distillation loss became {loss.item()}; lower distill.lr (now {lr})")
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
+            # The T^2-scaled soft loss gives large early gradients: unclipped, small conv students at
+            # lr 0.05 died (all-ReLU-dead, chance accuracy) on digits.
+            torch.nn.utils.clip_grad_norm_(student.parameters(), GRAD_CLIP_NORM)
             optimizer.step()
             scheduler.step()
     student.eval()

@@ -1,7 +1,9 @@
 """Quantization backends for CPU deployment, built on maintained paths only (`torch.ao.quantization` is
 deprecated): ONNX Runtime int8 (static and dynamic), a plain bf16 cast, and weight-only grids
 ("int8-weights", "kmeans-4bit": float32 checkpoints whose weights lie on a grid recorded in meta, which
-`wattflow.compress.pack` stores as codes).
+`wattflow.compress.pack` stores as codes), and torchao ("torchao-int8-dynamic" on CPU or CUDA,
+"torchao-int8-weight-only" and "torchao-fp8" on CUDA only: see `wattflow.compress.torchao_backend`; stored as
+the float32 checkpoint plus meta {"torchao": config}, re-applied at load time).
 
     art = quantize_checkpoint("model.pt", "onnx-int8-static", "out/", calibration_x=x_train[:256])
     art.path, art.format  # "out/model.int8-static.onnx", "onnx"
@@ -27,6 +29,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from wattflow.compress import torchao_backend
 from wattflow.compress.weights import snap_int8, snap_kmeans
 from wattflow.config import QuantBackend
 from wattflow.models import atomic_write, load_checkpoint, save_checkpoint, sha256_file
@@ -37,7 +40,9 @@ BACKENDS: tuple[str, ...] = get_args(QuantBackend)
 AGREEMENT_TOLERANCE = 0.005  # share of calibration samples a smaller layout may flip vs the best one
 CALIBRATION_BATCH = 64
 _SUFFIX = {"onnx-int8-static": ".int8-static.onnx", "onnx-int8-dynamic": ".int8-dynamic.onnx",
-           "bf16": ".bf16.pt", "int8-weights": ".int8w.pt", "kmeans-4bit": ".kmeans4.pt"}
+           "bf16": ".bf16.pt", "int8-weights": ".int8w.pt", "kmeans-4bit": ".kmeans4.pt",
+           "torchao-int8-dynamic": ".torchao-int8dyn.pt", "torchao-int8-weight-only": ".torchao-int8wo.pt",
+           "torchao-fp8": ".torchao-fp8.pt"}
 # backend -> (snap the float32 model in place and return its meta, what the note says)
 _WEIGHT_GRIDS = {
     "int8-weights": (snap_int8, "per-channel symmetric int8 weights; biases fp32"),
@@ -68,6 +73,8 @@ def backend_available(backend: str) -> tuple[bool, str]:
                       else "no native bf16 on this CPU: emulated, slow")
     if backend in _WEIGHT_GRIDS:
         return True, "plain torch"
+    if backend in torchao_backend.TORCHAO_BACKENDS:
+        return torchao_backend.available(backend)
     try:
         import onnx  # noqa: F401
         import onnxruntime
@@ -143,6 +150,8 @@ def quantize_checkpoint(ckpt_path, backend: str, out_dir,
         return QuantizedArtifact(str(out_path), "torch", backend, reason)
     if backend in _WEIGHT_GRIDS:
         return _snap_weights(ckpt_path, backend, out_path, calibration_x)
+    if backend in torchao_backend.TORCHAO_BACKENDS:
+        return _torchao(ckpt_path, backend, out_path, calibration_x, reason)
 
     in_features = int(spec["in_features"])
     if calibration_x is not None:
@@ -177,6 +186,28 @@ def _snap_weights(ckpt_path, backend: str, out_path: Path, calibration_x: np.nda
         with torch.inference_mode():
             agree = (source(x.to(next(source.parameters()).dtype)).argmax(1) == model(x).argmax(1))
         note += f"; top-1 agreement with the source {float(agree.float().mean()):.4f} on {len(x)} samples"
+    return QuantizedArtifact(str(out_path), "torch", backend, note)
+
+
+def _torchao(ckpt_path, backend: str, out_path: Path, calibration_x: np.ndarray | None, where: str
+             ) -> QuantizedArtifact:
+    """The float32 checkpoint plus meta {"torchao": config}: a quantized torchao module holds tensor
+    subclasses that only a pickle of code could restore, so the config is re-applied at load time
+    (`wattflow.evaluate.load_predictor`). Quantizing here checks that it applies and measures agreement."""
+    source, spec, meta = load_checkpoint(ckpt_path)
+    source = source.float()
+    entry = torchao_backend.TORCHAO_BACKENDS[backend]
+    meta = {**meta, "quantized": backend, "torchao": entry.config, "source_sha256": sha256_file(ckpt_path)}
+    save_checkpoint(out_path, source, spec, meta)
+    quantized, layers = torchao_backend.quantize_model(copy.deepcopy(source), backend)
+    note = (f"{entry.note}; {layers} Linear layer(s) quantized by torchao {entry.config} at load time "
+            f"({where}); the file holds the fp32 weights, so its size figures are fp32 sizes")
+    if calibration_x is not None:
+        x = torch.from_numpy(np.ascontiguousarray(calibration_x, dtype=np.float32))
+        device = torchao_backend.device_for(backend)
+        with torch.inference_mode():
+            agree = source(x).argmax(1) == quantized(x.to(device)).argmax(1).cpu()
+        note += f"; top-1 agreement with the source {float(agree.float().mean()):.4f} on {len(x)} samples (eager)"
     return QuantizedArtifact(str(out_path), "torch", backend, note)
 
 
