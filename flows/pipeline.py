@@ -66,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", default=os.environ.get("CONFIG") or None, help="YAML recipe")
     parser.add_argument("--json-out", type=Path, help="also write the summary rows here as JSON")
     args = parser.parse_args(argv)
-    console = Console(width=max(Console().width, 120))  # piped output would otherwise fold the table at 80
+    console = Console(width=max(Console().width, 160))  # piped output would otherwise fold the table at 80
     try:
         config = load_config(args.config)  # validated here, before any work starts
     except ConfigError as err:
