@@ -42,7 +42,7 @@ def tiny_config(tmp_path, **train) -> PipelineConfig:
     return PipelineConfig.model_validate({
         "work_dir": str(tmp_path / "artifacts"),
         "train": {"model": "cnn", "epochs": 8, "lr": 0.1, "cpu_ranks": 2, **train},
-        "chains": ["prune:0.8", "onnx-int8-static", "bf16", "distill -> prune:0.9 -> kmeans-4bit"],
+        "chains": ["prune:0.8", "onnx-int8-static", "bf16", "distill -> prune:0.9 -> kmeans-4bit", "channels:0.5"],
         "prune": {"fine_tune_epochs": 2, "schedule_steps": 2},
         "distill": {"epochs": 10},
         "eval": {"repeats": 3, "warmup": 1, "energy_inferences": 2000, "energy_min_window_s": 0.2},
@@ -74,7 +74,7 @@ def test_pipeline_logs_the_mlflow_contract(prefect_server, mlflow_uri, tmp_path)
                                   filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
     by_name = {c.info.run_name: c for c in children}
     assert set(by_name) == {"train", "prune-0.8", "onnx-int8-static", "bf16", "distill", "distill+prune-0.9",
-                            "distill+prune-0.9+kmeans-4bit"}
+                            "distill+prune-0.9+kmeans-4bit", "channels-0.5"}
     assert {c.data.tags["wattflow.stage"] for c in children} == {"train", "prune", "quantize", "distill"}
     assert by_name["distill+prune-0.9+kmeans-4bit"].data.tags["wattflow.chain"] == (
         "train -> distill -> prune-0.9 -> kmeans-4bit")
@@ -111,7 +111,11 @@ def test_pipeline_logs_the_mlflow_contract(prefect_server, mlflow_uri, tmp_path)
     table = [a for a in artifacts if a.key == "wattflow-variants" and a.flow_run_id == flow_run.id]
     assert len(table) == 1 and "onnx-int8-static" in str(table[0].data)
     assert [r["variant"] for r in result["rows"]] == ["train", "prune-0.8", "onnx-int8-static", "bf16", "distill",
-                                                      "distill+prune-0.9", "distill+prune-0.9+kmeans-4bit"]
+                                                      "distill+prune-0.9", "distill+prune-0.9+kmeans-4bit",
+                                                      "channels-0.5"]
+    slim = by_name["channels-0.5"].data.metrics  # structured: the dense model itself got smaller
+    assert slim["param_count"] < 0.5 * train["param_count"] and slim["size_bytes"] < 0.5 * train["size_bytes"]
+    assert slim["width.features.0"] == 8
     smallest = by_name["distill+prune-0.9+kmeans-4bit"].data.metrics
     # tiny settings here: the quality of compression is the bench's job (make bench)
     assert smallest["deployable_compression_ratio"] > 20 and smallest["accuracy"] > 0.8

@@ -91,7 +91,9 @@ def _prune(cfg: PipelineConfig, step: PruneStep, source: StageResult, out_path: 
     params = {"target_sparsity": step.sparsity, "method": f"global-l1-{step.method}",
               "fine_tune_epochs": cfg.prune.fine_tune_epochs, "schedule_steps": cfg.prune.schedule_steps,
               "layer_types": ",".join(cfg.prune.layer_types)}
-    metrics = {"sparsity": out.sparsity, **{f"sparsity.{k}": v for k, v in out.layer_sparsity.items()}}
+    metrics = {"sparsity": out.sparsity, "params_after": out.params_after,
+               **{f"sparsity.{k}": v for k, v in out.layer_sparsity.items()},
+               **{f"width.{k}": after for k, (_, after) in (out.layer_width or {}).items()}}
     return Artifact(path=out.checkpoint, format="torch", sha256=out.sha256), params, metrics
 
 
