@@ -14,10 +14,11 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from bench import compression, meter_overhead, speed
+from bench import compression, ddp_scaling, meter_overhead, orchestration, scale, speed
 from bench.machine import machine
 
-BENCHES = {"meter_overhead": meter_overhead.run, "speed": speed.run, "compression": compression.run}
+BENCHES = {"orchestration": orchestration.run, "ddp_scaling": ddp_scaling.run, "meter_overhead": meter_overhead.run,
+           "speed": speed.run, "compression": compression.run, "scale": scale.run}
 RESULTS = Path(__file__).parent / "results"
 COLUMNS = ("row", "figure", "value", "target", "met")
 

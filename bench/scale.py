@@ -38,7 +38,7 @@ def launch(cfg: dict, out_dir: Path) -> dict:
 
 def run(quick: bool, results: Path) -> list[dict]:
     factors = [1, 4] if quick else [1, 4, 16]
-    epochs = 2 if quick else 4
+    epochs = 5 if quick else 10
     order = factors if quick else [*factors, *reversed(factors)]  # 1-4-16-16-4-1: drift hits all alike
     runs: dict[int, list[dict]] = {f: [] for f in factors}
     with tempfile.TemporaryDirectory(prefix="wattflow-bench-scale-") as tmp:
