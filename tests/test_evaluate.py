@@ -1,6 +1,7 @@
 import numpy as np
 import pytest
 import torch
+from helpers import train_briefly
 from torch import nn
 
 from wattflow.compress.pack import deployable_artifact
@@ -8,22 +9,6 @@ from wattflow.compress.quantize import export_onnx, quantize_checkpoint
 from wattflow.data import load_splits
 from wattflow.evaluate import accuracy, load_predictor, median_latency_s, run_inferences, size_metrics
 from wattflow.models import build_model, default_spec, prunable_modules, save_checkpoint
-
-
-def train_briefly(kind: str, steps: int = 400, seed: int = 0) -> nn.Module:
-    """A few hundred Adam steps on the digits train split: enough for > 0.9 test accuracy."""
-    torch.manual_seed(seed)
-    train = load_splits().train
-    x, y = torch.from_numpy(train.x), torch.from_numpy(train.y)
-    model = build_model(default_spec(kind))
-    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
-    for _ in range(steps):
-        idx = torch.randint(0, len(x), (64,))
-        loss = nn.functional.cross_entropy(model(x[idx]), y[idx])
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    return model.eval()
 
 
 def zero_smallest_half(model: nn.Module) -> nn.Module:

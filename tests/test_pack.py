@@ -7,6 +7,7 @@ import pickle
 import numpy as np
 import pytest
 import torch
+from helpers import fit
 from torch import nn
 from torch.nn.utils import prune
 
@@ -18,22 +19,6 @@ from wattflow.evaluate import accuracy, load_predictor, size_metrics
 from wattflow.models import build_model, load_checkpoint, prunable_modules, save_checkpoint
 
 LENET = {"kind": "mlp", "in_features": 64, "hidden": [300, 100], "num_classes": 10}  # LeNet-300-100 shape
-
-
-def fit(model: nn.Module, steps: int, lr: float, seed: int = 0) -> nn.Module:
-    """Adam on the digits train split, batch 64 (masks of torch pruning stay applied)."""
-    torch.manual_seed(seed)
-    train = load_splits().train
-    x, y = torch.from_numpy(train.x), torch.from_numpy(train.y)
-    opt = torch.optim.Adam(model.parameters(), lr=lr)
-    model.train()
-    for _ in range(steps):
-        idx = torch.randint(0, len(x), (64,))
-        loss = nn.functional.cross_entropy(model(x[idx]), y[idx])
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    return model.eval()
 
 
 def global_prune(model: nn.Module, amount: float, fine_tune_steps: int) -> nn.Module:

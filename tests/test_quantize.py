@@ -5,7 +5,7 @@ import onnx
 import onnxruntime as ort
 import pytest
 import torch
-from torch import nn
+from helpers import train_briefly
 
 from wattflow.compress.quantize import (
     BACKENDS,
@@ -19,22 +19,6 @@ from wattflow.compress.quantize import (
 from wattflow.data import load_splits
 from wattflow.evaluate import accuracy, load_predictor
 from wattflow.models import build_model, default_spec, load_checkpoint, save_checkpoint
-
-
-def train_briefly(kind: str, steps: int = 400, seed: int = 0) -> nn.Module:
-    """A few hundred Adam steps on the digits train split: enough for > 0.9 test accuracy."""
-    torch.manual_seed(seed)
-    train = load_splits().train
-    x, y = torch.from_numpy(train.x), torch.from_numpy(train.y)
-    model = build_model(default_spec(kind))
-    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
-    for _ in range(steps):
-        idx = torch.randint(0, len(x), (64,))
-        loss = nn.functional.cross_entropy(model(x[idx]), y[idx])
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    return model.eval()
 
 
 @pytest.fixture(scope="module")

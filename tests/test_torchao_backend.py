@@ -7,6 +7,7 @@ import os
 import numpy as np
 import pytest
 import torch
+from helpers import train_briefly
 from torch import nn
 
 from wattflow.compress import torchao_backend
@@ -17,21 +18,6 @@ from wattflow.models import build_model, default_spec, save_checkpoint
 
 pytest.importorskip("torchao")
 CUDA_ONLY = ("torchao-int8-weight-only", "torchao-fp8")
-
-
-def train_briefly(kind: str, steps: int = 300, seed: int = 0) -> nn.Module:
-    torch.manual_seed(seed)
-    train = load_splits().train
-    x, y = torch.from_numpy(train.x), torch.from_numpy(train.y)
-    model = build_model(default_spec(kind))
-    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
-    for _ in range(steps):
-        idx = torch.randint(0, len(x), (64,))
-        loss = nn.functional.cross_entropy(model(x[idx]), y[idx])
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    return model.eval()
 
 
 @pytest.fixture(scope="module")

@@ -3,35 +3,21 @@ import copy
 import numpy as np
 import pytest
 import torch
+from helpers import train_briefly
 from torch import nn
 
 from wattflow.compress.quantize import backend_available, quantize_checkpoint
 from wattflow.compress.weights import kmeans_1d, snap_int8, snap_kmeans
 from wattflow.data import load_splits
 from wattflow.evaluate import accuracy, load_predictor
-from wattflow.models import build_model, load_checkpoint, prunable_modules, save_checkpoint, sha256_file
+from wattflow.models import load_checkpoint, prunable_modules, save_checkpoint, sha256_file
 
 LENET = {"kind": "mlp", "in_features": 64, "hidden": [300, 100], "num_classes": 10}  # LeNet-300-100 shape
 
 
-def train_lenet(steps: int = 400, seed: int = 0) -> nn.Module:
-    torch.manual_seed(seed)
-    train = load_splits().train
-    x, y = torch.from_numpy(train.x), torch.from_numpy(train.y)
-    model = build_model(LENET)
-    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
-    for _ in range(steps):
-        idx = torch.randint(0, len(x), (64,))
-        loss = nn.functional.cross_entropy(model(x[idx]), y[idx])
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    return model.eval()
-
-
 @pytest.fixture(scope="module")
 def lenet() -> nn.Module:
-    return train_lenet()
+    return train_briefly(LENET)
 
 
 def half_zeroed(model: nn.Module) -> nn.Module:
