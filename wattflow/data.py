@@ -15,6 +15,8 @@ import numpy as np
 from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
 
+from wattflow.config import DataConfig
+
 
 @dataclass(frozen=True)
 class Split:
@@ -83,3 +85,8 @@ def load_splits(dataset: str = "digits", val_fraction: float = 0.15, test_fracti
         raise ValueError(f"augment_factor must be in [1, 64]; got {augment_factor}")
     train = augment(Split(x_train, y_train), augment_factor, seed)
     return Splits(train, Split(x_val, y_val), Split(x_test, y_test))
+
+
+def splits_for(data: DataConfig) -> Splits:
+    """The splits a `DataConfig` describes (cached by load_splits)."""
+    return load_splits(data.dataset, data.val_fraction, data.test_fraction, data.seed, data.augment_factor)

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from wattflow.config import PipelineConfig
-from wattflow.data import load_splits
+from wattflow.data import splits_for
 from wattflow.models import default_spec, sha256_file
 
 
@@ -70,8 +70,7 @@ def launch_training(cfg: PipelineConfig, out_dir: str | Path, log: Callable[[str
     out_dir.mkdir(parents=True, exist_ok=True)
     for stale in [*out_dir.glob("rank-*.json"), out_dir / "progress.jsonl", out_dir / "metrics.json"]:
         stale.unlink(missing_ok=True)
-    splits = load_splits(cfg.data.dataset, cfg.data.val_fraction, cfg.data.test_fraction, cfg.data.seed,
-                         cfg.data.augment_factor)
+    splits = splits_for(cfg.data)
     device, nproc = plan_ranks(cfg.train.cpu_ranks)
     job = {"train": cfg.train.model_dump(), "data": cfg.data.model_dump(), "out_dir": str(out_dir),
            "device": device, "spec": default_spec(cfg.train.model, splits.in_features, splits.num_classes,

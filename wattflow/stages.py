@@ -19,7 +19,7 @@ from wattflow.compress.pack import deployable_artifact
 from wattflow.compress.prune import prune_checkpoint
 from wattflow.compress.quantize import quantize_checkpoint
 from wattflow.config import PipelineConfig, PruneStep, QuantizeStep
-from wattflow.data import Splits, load_splits
+from wattflow.data import splits_for
 from wattflow.distributed import launch_training
 from wattflow.energy import EnergyMeter, EnergyResult
 from wattflow.evaluate import load_predictor, median_latency_s, run_inferences, size_metrics
@@ -47,11 +47,6 @@ class StageResult(BaseModel):
     @property
     def energy_result(self) -> EnergyResult:
         return EnergyResult.from_dict(self.energy)
-
-
-def splits_for(cfg: PipelineConfig) -> Splits:
-    return load_splits(cfg.data.dataset, cfg.data.val_fraction, cfg.data.test_fraction, cfg.data.seed,
-                       cfg.data.augment_factor)
 
 
 def train_stage(cfg: PipelineConfig, out_dir: Path, meter: EnergyMeter,
@@ -84,7 +79,7 @@ def step_stage(cfg: PipelineConfig, planned: PlannedStep, source: StageResult, o
 
 
 def _prune(cfg: PipelineConfig, step: PruneStep, source: StageResult, out_path: Path):
-    out = prune_checkpoint(source.artifact.path, out_path, step.sparsity, splits_for(cfg).train,
+    out = prune_checkpoint(source.artifact.path, out_path, step.sparsity, splits_for(cfg.data).train,
                            cfg.prune.fine_tune_epochs, cfg.prune.lr, cfg.train.batch_size, cfg.train.seed,
                            expected_sha256=source.artifact.sha256, method=step.method,
                            schedule_steps=cfg.prune.schedule_steps, layer_types=tuple(cfg.prune.layer_types))
@@ -98,14 +93,14 @@ def _prune(cfg: PipelineConfig, step: PruneStep, source: StageResult, out_path: 
 
 
 def _quantize(cfg: PipelineConfig, step: QuantizeStep, source: StageResult, out_dir: Path):
-    calibration = splits_for(cfg).train.x[: cfg.quantize.calibration_samples]
+    calibration = splits_for(cfg.data).train.x[: cfg.quantize.calibration_samples]
     out = quantize_checkpoint(source.artifact.path, step.backend, out_dir, calibration)
     params = {"backend": step.backend, "calibration_samples": cfg.quantize.calibration_samples, "note": out.note}
     return Artifact(path=out.path, format=out.format, sha256=sha256_file(out.path)), params, {}
 
 
 def _distill(cfg: PipelineConfig, source: StageResult, out_path: Path):
-    d, splits = cfg.distill, splits_for(cfg)
+    d, splits = cfg.distill, splits_for(cfg.data)
     spec = default_spec(d.student_model, splits.in_features, splits.num_classes, mlp_hidden=d.student_mlp_hidden,
                         cnn_channels=d.student_cnn_channels, cnn_hidden=d.student_cnn_hidden)
     out = distill_checkpoint(source.artifact.path, out_path, spec, splits.train, splits.val, d.epochs, d.lr,
@@ -142,7 +137,7 @@ def evaluate_variant(cfg: PipelineConfig, variant: StageResult, deploy_dir: Path
     """Test accuracy, latency per batch size, energy per inference, every size definition, and the deployable
     artifact (checked to predict exactly as the variant), measured with the runtime the variant deploys on,
     one thread (cfg.eval.threads)."""
-    splits = splits_for(cfg)
+    splits = splits_for(cfg.data)
     art = variant.artifact
     if sha256_file(art.path) != art.sha256:
         raise ValueError(f"{art.path} changed since its stage wrote it (sha256 mismatch)")

@@ -24,7 +24,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
 from wattflow.config import DataConfig, TrainConfig
-from wattflow.data import load_splits
+from wattflow.data import splits_for
 from wattflow.models import atomic_write, build_model, save_checkpoint
 
 
@@ -64,8 +64,7 @@ def main(job_path: str) -> None:
     device = torch.device(f"cuda:{local_rank}" if use_cuda else "cpu")
     dist.init_process_group(backend="nccl" if use_cuda else "gloo")
 
-    splits = load_splits(data_cfg.dataset, data_cfg.val_fraction, data_cfg.test_fraction, data_cfg.seed,
-                         data_cfg.augment_factor)
+    splits = splits_for(data_cfg)
     train_ds = TensorDataset(torch.from_numpy(splits.train.x), torch.from_numpy(splits.train.y))
     sampler = DistributedSampler(train_ds, num_replicas=world, rank=rank, shuffle=True, seed=cfg.seed)
     loader = DataLoader(train_ds, batch_size=cfg.batch_size, sampler=sampler)
