@@ -5,7 +5,6 @@ import onnx
 import onnxruntime as ort
 import pytest
 import torch
-from helpers import train_briefly
 
 from wattflow.compress.quantize import (
     BACKENDS,
@@ -18,18 +17,7 @@ from wattflow.compress.quantize import (
 )
 from wattflow.data import load_splits
 from wattflow.evaluate import accuracy, load_predictor
-from wattflow.models import build_model, default_spec, load_checkpoint, save_checkpoint
-
-
-@pytest.fixture(scope="module")
-def checkpoints(tmp_path_factory):
-    """kind -> fp32 checkpoint path of a briefly trained model."""
-    root = tmp_path_factory.mktemp("ckpt")
-    paths = {}
-    for kind in ("cnn", "mlp"):
-        paths[kind] = root / f"{kind}.pt"
-        save_checkpoint(paths[kind], train_briefly(kind), default_spec(kind))
-    return paths
+from wattflow.models import build_model, default_spec, load_checkpoint
 
 
 def _compare(ref_path, ref_fmt, path, fmt):

@@ -7,27 +7,16 @@ import os
 import numpy as np
 import pytest
 import torch
-from helpers import train_briefly
 from torch import nn
 
 from wattflow.compress import torchao_backend
 from wattflow.compress.quantize import BACKENDS, BackendUnavailable, backend_available, quantize_checkpoint
 from wattflow.data import load_splits
 from wattflow.evaluate import load_predictor, size_metrics
-from wattflow.models import build_model, default_spec, save_checkpoint
+from wattflow.models import build_model, default_spec
 
 pytest.importorskip("torchao")
 CUDA_ONLY = ("torchao-int8-weight-only", "torchao-fp8")
-
-
-@pytest.fixture(scope="module")
-def checkpoints(tmp_path_factory):
-    root = tmp_path_factory.mktemp("ckpt")
-    paths = {}
-    for kind in ("cnn", "mlp"):
-        paths[kind] = root / f"{kind}.pt"
-        save_checkpoint(paths[kind], train_briefly(kind), default_spec(kind))
-    return paths
 
 
 def test_backends_are_registered():
