@@ -46,7 +46,7 @@ def test_two_gloo_ranks_train_in_sync(trained):
 def test_failed_launch_raises_with_the_ranks_output(tmp_path, monkeypatch):
     # The rank entry started without torchrun has no RANK variable: a real non-zero exit.
     monkeypatch.setattr("wattflow.distributed.torchrun_command",
-                        lambda job, nproc: [sys.executable, "-m", "wattflow.train", "--job", str(job)])
+                        lambda job, nproc, **_: [sys.executable, "-m", "wattflow.train", "--job", str(job)])
     cfg = PipelineConfig.model_validate({"train": {"epochs": 1, "cpu_ranks": 1}})
     with pytest.raises(TrainingError, match="KeyError: 'RANK'"):
         launch_training(cfg, tmp_path, lambda _: None)
