@@ -65,3 +65,26 @@ def test_sqlite_store_keeps_artifacts_beside_the_database(tracker, tmp_path):
 def test_config_is_flattened_into_dotted_params():
     assert flatten({"train": {"epochs": 3, "lr": 0.1}, "experiment": "x"}) == {
         "train.epochs": "3", "train.lr": "0.1", "experiment": "x"}
+
+
+def test_a_refused_write_raises_and_is_not_mistaken_for_an_outage(tmp_path):
+    """MLflow refusing a write (a param changed) is an error to fix, not a reason to go offline; sync does not
+    retry it."""
+    from mlflow.exceptions import MlflowException
+
+    from wattflow.sync import sync
+
+    tracker = Tracker(f"sqlite:///{tmp_path}/mlflow.db", journal_dir=tmp_path / "run")
+    run = tracker.start_run(tracker.experiment_id("t"), "r", params={"a": 1})
+    with pytest.raises(MlflowException):
+        tracker.log_params(run, {"a": 2})
+    assert not tracker.offline
+    report = sync(tmp_path / "run", tracker.tracking_uri)
+    assert report.total == 0 and report.refused_before == 1
+
+
+def test_an_offline_run_id_needs_the_journal_that_holds_it(tmp_path):
+    from wattflow.tracking import OfflineRunError
+
+    with pytest.raises(OfflineRunError, match="same journal_dir"):
+        Tracker(f"sqlite:///{tmp_path}/mlflow.db").set_tag("offline-0123", "k", "v")

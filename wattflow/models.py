@@ -11,7 +11,9 @@ from __future__ import annotations
 import hashlib
 import math
 import os
+import pickle
 import tempfile
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +21,10 @@ import torch
 from torch import nn
 
 MODEL_KINDS = ("mlp", "cnn")
+
+# torch.export (used by the ONNX exporter and MLflow's pt2 model format) keeps global tracing state:
+# two flow runs exporting at once in one process corrupt each other's trace.
+TORCH_EXPORT_LOCK = threading.Lock()
 
 
 class MLP(nn.Module):
@@ -124,16 +130,61 @@ def save_checkpoint(path: str | os.PathLike, model: nn.Module, spec: dict[str, A
     return sha256_file(path)
 
 
-def load_checkpoint(path: str | os.PathLike, expected_sha256: str | None = None
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used; the message names the file, the cause and the fix."""
+
+
+RERUN = "re-run training (or the stage that wrote it) to write it again"
+
+
+def _read_payload(path: str | os.PathLike) -> dict[str, Any]:
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise CheckpointError(f"checkpoint {path} does not exist; {RERUN}") from None
+    except pickle.UnpicklingError as err:
+        # torch's message suggests switching the safe loader off; keep only its reason, never that advice.
+        reason = next((line.strip() for line in str(err).splitlines() if "nsupported" in line), "unreadable pickle")
+        if "GLOBAL" in reason or "global" in reason:  # the safe unpickler met a class or function reference
+            raise CheckpointError(
+                f"checkpoint {path} was refused: it holds pickled objects other than tensors and plain values "
+                f"({reason}), which could run code when loaded (only weights_only checkpoints are read). Do not "
+                f"load files of unknown origin; {RERUN}") from None
+        raise CheckpointError(f"checkpoint {path} is corrupt ({reason}); {RERUN}") from None
+    except (RuntimeError, EOFError, OSError, ValueError) as err:
+        raise CheckpointError(f"checkpoint {path} is truncated or corrupt ({type(err).__name__}: "
+                              f"{str(err).splitlines()[0] if str(err) else ''}); {RERUN}") from None
+    if not (isinstance(payload, dict) and isinstance(payload.get("spec"), dict)
+            and isinstance(payload.get("state_dict"), dict) and payload["state_dict"]):
+        raise CheckpointError(f"checkpoint {path} is not a wattflow checkpoint (expected a mapping with 'spec', "
+                              f"'state_dict' and 'meta'); {RERUN}")
+    return payload
+
+
+def load_checkpoint(path: str | os.PathLike, expected_sha256: str | None = None,
+                    expected_spec: dict[str, Any] | None = None
                     ) -> tuple[nn.Module, dict[str, Any], dict[str, Any]]:
-    """Load (model, spec, meta). Refuses a file whose sha256 differs from `expected_sha256`."""
+    """Load (model, spec, meta). Raises CheckpointError for a missing, truncated, corrupt or non-weights-only
+    file, a sha256 other than `expected_sha256`, or a spec other than `expected_spec` (another architecture)."""
     if expected_sha256 is not None:
         actual = sha256_file(path)
         if actual != expected_sha256:
-            raise ValueError(f"checkpoint {path} has sha256 {actual}, expected {expected_sha256}")
-    payload = torch.load(path, map_location="cpu", weights_only=True)
-    model = build_model(payload["spec"])
+            raise CheckpointError(f"checkpoint {path} has sha256 {actual}, expected {expected_sha256}: it changed "
+                                  f"since it was written; {RERUN}")
+    payload = _read_payload(path)
+    spec = payload["spec"]
+    if expected_spec is not None and spec != expected_spec:
+        raise CheckpointError(f"checkpoint {path} holds another architecture: spec {spec}, expected "
+                              f"{expected_spec}; point at the matching checkpoint or {RERUN}")
+    try:
+        model = build_model(spec)
+    except (TypeError, ValueError) as err:
+        raise CheckpointError(f"checkpoint {path} has an unusable spec {spec} ({err}); {RERUN}") from None
     state = payload["state_dict"]
     dtype = next(iter(state.values())).dtype
-    model.to(dtype).load_state_dict(state)
-    return model.eval(), payload["spec"], payload.get("meta", {})
+    try:
+        model.to(dtype).load_state_dict(state)
+    except RuntimeError as err:
+        raise CheckpointError(f"checkpoint {path}: its weights do not fit its spec {spec} "
+                              f"({str(err).splitlines()[0]}); {RERUN}") from None
+    return model.eval(), spec, payload.get("meta", {})

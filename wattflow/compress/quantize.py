@@ -32,7 +32,7 @@ from torch import nn
 from wattflow.compress import torchao_backend
 from wattflow.compress.weights import snap_int8, snap_kmeans
 from wattflow.config import QuantBackend
-from wattflow.models import atomic_write, load_checkpoint, save_checkpoint, sha256_file
+from wattflow.models import TORCH_EXPORT_LOCK, atomic_write, load_checkpoint, save_checkpoint, sha256_file
 
 ONNX_INPUT = "x"
 ONNX_OUTPUT = "logits"
@@ -107,7 +107,7 @@ def export_onnx(model: nn.Module, path, in_features: int) -> None:
     level = reg_log.level
     reg_log.setLevel(logging.ERROR)
     try:
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), TORCH_EXPORT_LOCK:
             warnings.simplefilter("ignore", FutureWarning)
             program = torch.onnx.export(model, example, None, input_names=[ONNX_INPUT],
                                         output_names=[ONNX_OUTPUT], dynamic_shapes=({0: batch},),
