@@ -1,0 +1,127 @@
+"""The MLflow Model Registry: the champion and the baseline as versions of one registered model.
+
+    versions = register_variants(tracker, selection, variants, rows, "wattflow-digits", flow_run_id)
+    predict = load_alias("wattflow-digits", "champion")   # float32 [N, 64] -> logits [N, 10]
+
+Each variant's model was logged on its own child run by `Tracker.log_model` (artifact name "model"). In
+MLflow 3 that creates a LoggedModel, and the version is registered from its `models:/<model_id>` URI with
+`run_id` set, so the version links back to the child run (and through it to the flow's parent run).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+import mlflow
+import numpy as np
+from mlflow.exceptions import MlflowException
+from mlflow.protos.databricks_pb2 import RESOURCE_ALREADY_EXISTS, ErrorCode
+from mlflow.tracking import MlflowClient
+from mlflow.utils.mlflow_tags import MLFLOW_MODEL_VERSIONS
+
+from wattflow.select import Selection
+
+if TYPE_CHECKING:  # the stages pull in every backend; the registry only reads names, runs and hashes
+    from wattflow.stages import StageResult
+
+MODEL_ARTIFACT = "model"  # the name Tracker.log_model logs under
+CHAMPION, BASELINE = "champion", "baseline"
+
+
+class RegistryError(RuntimeError):
+    """A variant cannot be registered; the message names the variant and what is missing."""
+
+
+def _client(tracker_or_client) -> MlflowClient:
+    return tracker_or_client if isinstance(tracker_or_client, MlflowClient) else tracker_or_client.client
+
+
+def logged_model_id(client: MlflowClient, run_id: str) -> str:
+    """The id of the LoggedModel named "model" that `run_id` logged."""
+    experiment_id = client.get_run(run_id).info.experiment_id
+    models = client.search_logged_models(
+        experiment_ids=[experiment_id],
+        filter_string=f"source_run_id = '{run_id}' AND name = '{MODEL_ARTIFACT}'",
+        order_by=[{"field_name": "creation_timestamp", "ascending": False}])
+    if not models:
+        raise RegistryError(f"run {run_id} has no logged model named {MODEL_ARTIFACT!r}: was the stage recorded "
+                            "with log_model=True (wattflow.tracking.record_stage)?")
+    return models[0].model_id  # the latest, should a retried stage have logged twice
+
+
+def version_tags(row: dict, variant: StageResult, flow_run_id: str | None) -> dict[str, str]:
+    """What a version carries: where it came from and its key figures (unknown stays "unknown")."""
+    return {"wattflow.variant": variant.name, "wattflow.chain": " -> ".join(variant.chain),
+            "prefect.flow_run_id": str(flow_run_id or "unknown"), "artifact.sha256": variant.artifact.sha256,
+            "accuracy": str(row.get("accuracy", "unknown")),
+            "delta_accuracy_points": str(row.get("delta_accuracy_points", "unknown")),
+            "energy_per_1k_inferences_j": str(row.get("energy_per_1k_inferences_j", "unknown")),
+            "energy_per_1k_inferences.method": str(row.get("inference_energy_method", "unknown")),
+            "deployable_bytes": str(row.get("deployable_bytes", "unknown")),
+            "latency_b1_ms": str(row.get("latency_b1_ms", "unknown"))}
+
+
+def register_variants(tracker_or_client, selection: Selection, variants: list[StageResult], rows: list[dict],
+                      model_name: str, flow_run_id: str | None) -> dict[str, str]:
+    """Register the champion (alias "champion") and the baseline (alias "baseline") as new versions of
+    `model_name`; a baseline champion is one version carrying both aliases. Returns {alias: version}."""
+    client = _client(tracker_or_client)
+    by_name = {v.name: v for v in variants}
+    row_by_name = {r["variant"]: r for r in rows}
+    _ensure_registered_model(client, model_name)
+    version_of: dict[str, str] = {}  # variant name -> its new version
+    aliases: dict[str, str] = {}
+    for alias, name in ((CHAMPION, selection.champion), (BASELINE, selection.baseline)):
+        variant = by_name.get(name)
+        if variant is None or variant.mlflow_run_id is None:
+            raise RegistryError(f"{alias} {name!r} has no MLflow run among the variants; pass the StageResults "
+                                "returned by the recorded stages")
+        if name not in version_of:
+            version_of[name] = _register(client, model_name, variant, row_by_name.get(name, {}), flow_run_id)
+        client.set_registered_model_alias(model_name, alias, version_of[name])
+        aliases[alias] = version_of[name]
+    return aliases
+
+
+def _ensure_registered_model(client: MlflowClient, model_name: str) -> None:
+    try:
+        client.create_registered_model(
+            model_name, description="wattflow variants: alias 'champion' is the one to ship, 'baseline' the "
+            "trained model it is compared with.")
+    except MlflowException as err:
+        if err.error_code != ErrorCode.Name(RESOURCE_ALREADY_EXISTS):
+            raise
+
+
+def _register(client: MlflowClient, model_name: str, variant: StageResult, row: dict,
+              flow_run_id: str | None) -> str:
+    model_id = logged_model_id(client, variant.mlflow_run_id)
+    version = client.create_model_version(
+        model_name, source=f"models:/{model_id}", run_id=variant.mlflow_run_id,
+        tags=version_tags(row, variant, flow_run_id), model_id=model_id).version
+    # As mlflow.register_model does: the logged model lists its registered versions (shown in the MLflow UI).
+    listed = json.loads(client.get_logged_model(model_id).tags.get(MLFLOW_MODEL_VERSIONS, "[]"))
+    client.set_logged_model_tags(model_id, {
+        MLFLOW_MODEL_VERSIONS: json.dumps([*listed, {"name": model_name, "version": str(version)}])})
+    return str(version)
+
+
+Predict = Callable[[np.ndarray], np.ndarray]
+
+
+def load_alias(model_name: str, alias: str, tracking_uri: str | None = None) -> Predict:
+    """A predictor for the version behind `alias`: float32 [N, in_features] -> logits float32 [N, classes],
+    through MLflow's pyfunc (torch 'pt2' or ONNX Runtime, whichever flavour the variant was logged with)."""
+    if tracking_uri is not None:
+        mlflow.set_tracking_uri(tracking_uri)  # pyfunc resolves models:/ URIs through the global registry URI
+    model = mlflow.pyfunc.load_model(f"models:/{model_name}@{alias}")
+
+    def predict(x: np.ndarray) -> np.ndarray:
+        out = model.predict(np.ascontiguousarray(x, dtype=np.float32))
+        if isinstance(out, dict):  # ONNX pyfunc: {output name: array}, one output here
+            (out,) = out.values()
+        return np.asarray(out, dtype=np.float32)
+
+    return predict

@@ -1,0 +1,192 @@
+"""Choose the variant to ship: the Pareto front over four figures, and the champion under an accuracy budget.
+
+    selection = select_champion(rows, accuracy_budget_points=0.5, objective="energy_per_1k_inferences_j")
+    selection.champion, selection.reason, selection.comparison
+
+`rows` are `wattflow.report.summary_rows` (plain dicts; the first row is the baseline, the trained model).
+A figure may be the string "unknown" (e.g. no energy counter): it is never replaced by a number.
+- Front: row `a` dominates row `b` when, axis by axis, both are known and `a` is at least as good, or both are
+  unknown; and `a` is strictly better on at least one known axis. An unknown figure is thus neither better nor
+  worse than a known one: a row can only be dominated by rows that are unknown on the same axes, so a row with
+  an unknown figure tends to stay on the front (nothing shows it is beaten) rather than be dropped on a guess.
+- Champion: among rows within the accuracy budget of the baseline (accuracy known) whose objective is known,
+  the lowest objective; ties go to higher accuracy, then smaller deployable bytes, then lower b1 latency
+  (unknown sorts last), then table order. Where no variant besides the baseline qualifies, the baseline is
+  the champion, and `reason` says why.
+"""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict
+
+from wattflow.config import Objective, SelectConfig  # noqa: F401 (re-exported)
+
+UNKNOWN = "unknown"  # as in wattflow.report (not imported: this module stays free of torch and the stages)
+
+
+ENERGY_FIGURE = "energy_per_1k_inferences_j"
+# Pareto axes: figure -> +1 when higher is better, -1 when lower is better.
+AXES: dict[str, int] = {"accuracy": +1, "energy_per_1k_inferences_j": -1, "deployable_bytes": -1,
+                        "latency_b1_ms": -1}
+OBJECTIVE_UNITS = {"energy_per_1k_inferences_j": "J per 1k inferences", "deployable_bytes": "deployable bytes",
+                   "latency_b1_ms": "ms at batch 1", "latency_b256_ms": "ms at batch 256"}
+# Absolute slack on budget comparisons: accuracies are 4-significant-digit decimals, not exact binary floats.
+_BUDGET_SLACK_POINTS = 1e-9
+PRUNE_LABEL_PREFIXES = ("prune-", "channels-")  # chain labels of unstructured and structured prune steps
+
+
+class Selection(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+    champion_index: int
+    champion: str
+    baseline: str
+    objective: Objective
+    accuracy_budget_points: float
+    in_budget: list[str]          # within budget, accuracy known (the baseline always is)
+    front: list[str]              # Pareto-optimal rows, table order
+    best_int8_only: str | None    # chain: train -> one int8 quantize step
+    best_pruned_only: str | None  # chain: train -> prune steps only
+    comparison: list[str]         # always shown: baseline, champion, best int8-only, best pruned-only
+    reason: str
+
+
+def known(value) -> bool:
+    return value is not None and value != UNKNOWN
+
+
+def _dominates(a: dict, b: dict) -> bool:
+    strictly_better = False
+    for axis, sign in AXES.items():
+        va, vb = a.get(axis, UNKNOWN), b.get(axis, UNKNOWN)
+        if not known(va) and not known(vb):
+            continue  # unknown on both: this axis cannot separate them
+        if not (known(va) and known(vb)):
+            return False  # unknown vs known: nothing shows `a` is at least as good here
+        if sign * (va - vb) < 0:
+            return False
+        strictly_better |= sign * (va - vb) > 0
+    return strictly_better
+
+
+def pareto_front(rows: list[dict]) -> list[int]:
+    """Indices of the rows no other row dominates (see the module docstring for unknown figures)."""
+    return [i for i, b in enumerate(rows) if not any(_dominates(a, b) for j, a in enumerate(rows) if j != i)]
+
+
+def accuracy_drop_points(rows: list[dict], index: int) -> float | None:
+    """Baseline accuracy minus this row's, in percentage points; None when unknown."""
+    acc, base = rows[index].get("accuracy", UNKNOWN), rows[0].get("accuracy", UNKNOWN)
+    return (base - acc) * 100.0 if known(acc) and known(base) else None
+
+
+def _rank_key(row: dict, index: int, objective: str) -> tuple:
+    def low(value) -> tuple:  # unknown after every known value
+        return (0, value) if known(value) else (1, 0.0)
+
+    acc = row.get("accuracy", UNKNOWN)
+    return (low(row.get(objective, UNKNOWN)), low(-acc if known(acc) else UNKNOWN),
+            low(row.get("deployable_bytes", UNKNOWN)), low(row.get("latency_b1_ms", UNKNOWN)), index)
+
+
+def _steps(row: dict) -> list[str]:
+    """The chain's step labels after the trained model ("train -> prune-0.8 -> bf16" -> [prune-0.8, bf16])."""
+    labels = [s.strip() for s in str(row.get("chain", "")).split("->") if s.strip()]
+    return labels[1:] if labels[:1] == ["train"] else labels
+
+
+def is_int8_only(row: dict) -> bool:
+    steps = _steps(row)
+    return len(steps) == 1 and "int8" in steps[0]  # onnx-int8-*, int8-weights, torchao-int8-*
+
+
+def is_pruned_only(row: dict) -> bool:
+    steps = _steps(row)
+    return bool(steps) and all(s.startswith(PRUNE_LABEL_PREFIXES) for s in steps)
+
+
+def _best(rows: list[dict], candidates: list[int], in_budget: set[int], objective: str) -> int | None:
+    """The one the champion rule would pick among `candidates`: in budget first, then by the same ranking."""
+    if not candidates:
+        return None
+    return min(candidates, key=lambda i: (i not in in_budget, _rank_key(rows[i], i, objective)))
+
+
+def select_champion(rows: list[dict], accuracy_budget_points: float = 0.5,
+                    objective: Objective = "energy_per_1k_inferences_j") -> Selection:
+    """The champion: lowest `objective` among Pareto-optimal rows within `accuracy_budget_points` (absolute
+    percentage points) of the baseline, rows[0]. Restricting to the front loses nothing: any row that dominates
+    an in-budget row is in budget with an objective no worse, so a front row always attains the minimum."""
+    if not rows:
+        raise ValueError("select_champion needs at least one row (the baseline, rows[0])")
+    if objective not in OBJECTIVE_UNITS:
+        raise ValueError(f"unknown objective {objective!r}; allowed: {', '.join(OBJECTIVE_UNITS)}")
+    if not 0.0 <= accuracy_budget_points <= 100.0:
+        raise ValueError(f"accuracy_budget_points must be in [0, 100] (percentage points); got "
+                         f"{accuracy_budget_points}")
+    if not known(rows[0].get("accuracy", UNKNOWN)):
+        raise ValueError(f"the baseline {rows[0].get('variant')!r} has no known accuracy: the budget is "
+                         "relative to it; evaluate the trained model first")
+    names = [r["variant"] for r in rows]
+    front = pareto_front(rows)
+    in_budget = {i for i in range(len(rows)) if (d := accuracy_drop_points(rows, i)) is not None
+                 and d <= accuracy_budget_points + _BUDGET_SLACK_POINTS}
+    eligible = [i for i in front if i in in_budget and known(rows[i].get(objective, UNKNOWN))]
+    champion = min(eligible, key=lambda i: _rank_key(rows[i], i, objective)) if eligible else 0
+    reason = _reason(rows, champion, eligible, in_budget, objective, accuracy_budget_points)
+    best_int8 = _best(rows, [i for i, r in enumerate(rows) if is_int8_only(r)], in_budget, objective)
+    best_pruned = _best(rows, [i for i, r in enumerate(rows) if is_pruned_only(r)], in_budget, objective)
+    comparison = list(dict.fromkeys(names[i] for i in (0, champion, best_int8, best_pruned) if i is not None))
+    return Selection(
+        champion_index=champion, champion=names[champion], baseline=names[0], objective=objective,
+        accuracy_budget_points=accuracy_budget_points, in_budget=[names[i] for i in sorted(in_budget)],
+        front=[names[i] for i in front], best_int8_only=None if best_int8 is None else names[best_int8],
+        best_pruned_only=None if best_pruned is None else names[best_pruned], comparison=comparison,
+        reason=reason)
+
+
+def exact_rows(rows: list[dict], figures: list[dict]) -> list[dict]:
+    """`rows` with the selection's figures replaced by the unrounded ones from `evaluate_variant` (the rows
+    show 3-4 significant digits): the choice then matches what the MLflow metrics say, even at a tie or at
+    the budget's edge. Missing figures become "unknown"."""
+    def exact(f: dict, key: str, scale: float = 1.0):
+        return f[key] * scale if isinstance(f.get(key), int | float) else UNKNOWN
+
+    return [{**r, "accuracy": exact(f, "accuracy"), "energy_per_1k_inferences_j": exact(f, ENERGY_FIGURE),
+             "deployable_bytes": exact(f, "deployable_bytes"), "latency_b1_ms": exact(f, "latency_b1_s", 1e3),
+             "latency_b256_ms": exact(f, "latency_b256_s", 1e3)} for r, f in zip(rows, figures, strict=True)]
+
+
+def comparison_names(rows: list[dict], selection: Selection) -> list[str]:
+    """Rows always kept in a comparison, in table order: baseline, champion, best int8-only, best pruned-only."""
+    keep = set(selection.comparison)
+    return [r["variant"] for r in rows if r["variant"] in keep]
+
+
+def _reason(rows: list[dict], champion: int, eligible: list[int], in_budget: set[int], objective: str,
+            budget: float) -> str:
+    unit = OBJECTIVE_UNITS[objective]
+    base = rows[0]
+    if champion != 0:
+        row = rows[champion]
+        drop = accuracy_drop_points(rows, champion)
+        versus = (f"{base[objective]} for the baseline" if known(base.get(objective, UNKNOWN))
+                  else "unknown for the baseline")
+        return (f"{row['variant']} has the lowest {objective} ({row[objective]} {unit}; {versus}) among the "
+                f"{len(eligible)} Pareto-optimal variant(s) within {budget:g} accuracy points of "
+                f"{base['variant']} (accuracy {row['accuracy']} vs {base['accuracy']}: "
+                f"{_signed_points(-drop)}).")
+    others_in_budget = sorted(in_budget - {0})
+    if not others_in_budget:
+        return (f"no variant is within {budget:g} accuracy points of {base['variant']} (accuracy "
+                f"{base['accuracy']}), so the baseline stays the champion.")
+    if not eligible:
+        return (f"{objective} is unknown for every variant within {budget:g} accuracy points, so nothing can "
+                f"be shown to beat the baseline {base['variant']}; it stays the champion.")
+    return (f"the baseline {base['variant']} has the lowest {objective} ({base[objective]} {unit}) among the "
+            f"{len(eligible)} Pareto-optimal variant(s) within {budget:g} accuracy points; no compressed "
+            f"variant beats it.")
+
+
+def _signed_points(points: float) -> str:
+    return f"{points:+.2f} points"
