@@ -11,8 +11,11 @@ STATE  := $(CURDIR)/.wattflow
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export DO_NOT_TRACK := true
 export MLFLOW_DISABLE_TELEMETRY := true
-# A dead tracking server would otherwise block a client for minutes of retries.
+# A dead tracking server would otherwise block a client for minutes of retries (and 120 s per request).
 export MLFLOW_HTTP_REQUEST_MAX_RETRIES ?= 2
+export MLFLOW_HTTP_REQUEST_TIMEOUT ?= 30
+# wattflow's own warnings (an MLflow outage, its sync command) reach the Prefect UI's logs too.
+export PREFECT_LOGGING_EXTRA_LOGGERS ?= wattflow
 # Honour the user's servers; otherwise keep every bit of state under the project.
 export MLFLOW_TRACKING_URI ?= sqlite:///$(STATE)/mlflow.db
 export PREFECT_HOME ?= $(STATE)/prefect
@@ -20,7 +23,22 @@ export PREFECT_HOME ?= $(STATE)/prefect
 MLFLOW_PORT  ?= 5000
 PREFECT_PORT ?= 4200
 
-.PHONY: help setup state run-flow test lint bench gpu-check mlflow-ui prefect-ui clean distclean
+# make server / deploy / worker / stop (deployments/servers.sh; deployments/README.md explains each name).
+WATTFLOW_POOL    ?= gpu
+WORKER_NAME      ?= $(shell hostname)
+MLFLOW_ARTIFACTS ?= $(STATE)/mlartifacts
+# PREFECT_DB_URL (postgresql+asyncpg://...) and MLFLOW_DB_URL (postgresql://...): PostgreSQL instead of SQLite.
+# deploy and worker talk to `make server` unless PREFECT_API_URL names another server; the worker logs to the
+# MLflow server unless MLFLOW_TRACKING_URI was set by you (not by the default above).
+SERVER_API := $(or $(PREFECT_API_URL),http://127.0.0.1:$(PREFECT_PORT)/api)
+WORKER_MLFLOW_URI := $(if $(filter file,$(origin MLFLOW_TRACKING_URI)),http://127.0.0.1:$(MLFLOW_PORT),$(MLFLOW_TRACKING_URI))
+SERVERS_SH = STATE="$(STATE)" VENV="$(CURDIR)/$(VENV)" PROJECT_DIR="$(CURDIR)" PREFECT_PORT=$(PREFECT_PORT) \
+	MLFLOW_PORT=$(MLFLOW_PORT) WATTFLOW_POOL="$(WATTFLOW_POOL)" WORKER_NAME="$(WORKER_NAME)" \
+	MLFLOW_ARTIFACTS="$(MLFLOW_ARTIFACTS)" PREFECT_API_URL="$(SERVER_API)" WORKER_MLFLOW_URI="$(WORKER_MLFLOW_URI)" \
+	bash deployments/servers.sh
+
+.PHONY: help setup state run-flow test lint bench gpu-check mlflow-ui prefect-ui server deploy worker stop sync clean \
+	distclean
 
 help:
 	@echo "make run-flow [CONFIG=recipe.yaml]  run the whole pipeline here (sets up .venv first)"
@@ -30,6 +48,11 @@ help:
 	@echo "make gpu-check                      on an NVIDIA GPU: counter vs power-integral energy"
 	@echo "make mlflow-ui                      MLflow UI on http://127.0.0.1:$(MLFLOW_PORT)"
 	@echo "make prefect-ui                     Prefect server + UI on http://127.0.0.1:$(PREFECT_PORT)"
+	@echo "make server                         Prefect server :$(PREFECT_PORT) + MLflow server :$(MLFLOW_PORT) in the background"
+	@echo "make deploy [WATTFLOW_POOL=gpu]     create the work pool if missing, deploy deployments/prefect.yaml"
+	@echo "make worker [WORKER_NAME=...]       a process worker on the pool, in the background (one per GPU host)"
+	@echo "make stop                           stop what server/worker started (by pid, .wattflow/pids)"
+	@echo "make sync RUN_DIR=...               upload MLflow writes journaled while the server was unreachable"
 	@echo "make clean | distclean              remove run state | and the virtual environment"
 
 $(VENV)/.installed: pyproject.toml
@@ -66,7 +89,27 @@ mlflow-ui: setup state
 prefect-ui: setup state
 	$(VENV)/bin/prefect server start --host 127.0.0.1 --port $(PREFECT_PORT)
 
-clean:
+server: setup state
+	@$(SERVERS_SH) server
+
+deploy: setup
+	@export PREFECT_API_URL="$(SERVER_API)"; \
+	echo "Prefect API: $$PREFECT_API_URL; work pool: $(WATTFLOW_POOL)"; \
+	$(VENV)/bin/prefect work-pool inspect "$(WATTFLOW_POOL)" >/dev/null 2>&1 || \
+		$(VENV)/bin/prefect work-pool create "$(WATTFLOW_POOL)" --type process; \
+	WATTFLOW_POOL="$(WATTFLOW_POOL)" $(VENV)/bin/prefect --no-prompt deploy --all --prefect-file deployments/prefect.yaml
+
+worker: setup state
+	@$(SERVERS_SH) worker
+
+stop:
+	@$(SERVERS_SH) stop
+
+sync: setup
+	@test -n "$(RUN_DIR)" || { echo "usage: make sync RUN_DIR=.wattflow/artifacts/<flow-run-id>"; exit 2; }
+	$(PY) -m wattflow.sync "$(RUN_DIR)"
+
+clean: stop
 	rm -rf $(STATE) mlruns .pytest_cache .ruff_cache
 	find . -name __pycache__ -not -path "./$(VENV)/*" -prune -exec rm -rf {} +
 

@@ -1,0 +1,98 @@
+"""One measured stage per GPU (or per CPU-only host) at a time, across every worker and flow run.
+
+    with measured_slot(logger.info):
+        result = stages.train_stage(...)
+
+NVML energy counters and RAPL are device-global: two stages measured on the same GPU at once would each be
+charged for the other's work. So every measured stage holds Prefect global concurrency limits (limit 1):
+`gpu:<host>:<nvml index>` for each GPU this process may use (CUDA_VISIBLE_DEVICES, as CUDA resolves it), or
+`cpu:<host>` on a host without a visible GPU. NVML indices are physical (PCI order), so two workers pinned
+to different GPUs of one host do not block each other, and two pinned to the same GPU do.
+
+Probed in Prefect 3.9.1: the server ignores `create_if_missing` (deprecated) and, without `strict`, a missing
+limit is silently not enforced; so the limits are created here when missing and acquired with strict=True.
+All names are acquired in one call (atomically), so a multi-GPU stage cannot deadlock with another.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
+from prefect.concurrency.sync import concurrency
+from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound
+
+from wattflow.energy.nvml import visible_indices
+
+SLOT_LIMIT = 1
+# The lease is renewed in the background while the stage runs; it only expires if this process dies.
+LEASE_DURATION_S = 300.0
+
+
+def _visible_gpu_indices(nvml=None) -> tuple[list[int], str]:
+    """NVML indices of the GPUs this process may use, and why there are none (empty string if some)."""
+    try:
+        if nvml is None:
+            import pynvml as nvml
+        nvml.nvmlInit()
+        handles = [nvml.nvmlDeviceGetHandleByIndex(i) for i in range(nvml.nvmlDeviceGetCount())]
+        uuids = [nvml.nvmlDeviceGetUUID(h) for h in handles]
+    except Exception as e:  # no driver, no library, no GPU: a CPU-only host
+        return [], f"NVML unavailable ({type(e).__name__}: {e})"
+    uuids = [u.decode() if isinstance(u, bytes) else str(u) for u in uuids]
+    indices = visible_indices(uuids, os.environ.get("CUDA_VISIBLE_DEVICES"))
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    return indices, "" if indices else f"no GPU visible (CUDA_VISIBLE_DEVICES={visible!r})"
+
+
+def _host_slots(host: str | None, nvml) -> tuple[list[str], str]:
+    host = host or socket.gethostname()
+    indices, why_none = _visible_gpu_indices(nvml)
+    return [f"gpu:{host}:{i}" for i in indices] or [f"cpu:{host}"], why_none
+
+
+def slot_names(host: str | None = None, nvml=None) -> list[str]:
+    """`gpu:<host>:<index>` per visible GPU, else `["cpu:<host>"]`. `nvml`: a FakeNvml in tests."""
+    return _host_slots(host, nvml)[0]
+
+
+def ensure_limits(names: list[str], limit: int = SLOT_LIMIT) -> None:
+    """Create each global concurrency limit that does not exist yet (an existing one is left as it is: an
+    operator may have changed or deactivated it on purpose)."""
+    with get_client(sync_client=True) as client:
+        for name in names:
+            try:
+                client.read_global_concurrency_limit_by_name(name)
+            except ObjectNotFound:
+                try:
+                    client.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(name=name, limit=limit))
+                except ObjectAlreadyExists:
+                    pass  # another worker created it between our read and create
+
+
+@contextmanager
+def measured_slot(log: Callable[[str], None] | None = None, *, names: list[str] | None = None,
+                  timeout_s: float | None = None) -> Iterator[list[str]]:
+    """Hold the measured-stage slots of this host's GPUs (or of the host) for the duration of the block.
+
+    Waits for slots held by other stages (forever, or `timeout_s` then `TimeoutError`). Yields the names held.
+    Needs a Prefect API (a flow run's, a server's, or prefect_test_harness's). Do not nest it, and do not
+    hold it around code that waits for another run needing the same slots (e.g. multi-node training on
+    one host): that would wait forever.
+    """
+    why_no_gpu = ""
+    if names is None:
+        names, why_no_gpu = _host_slots(None, None)
+    ensure_limits(names)
+    if log:
+        log(f"waiting for measured-stage slot(s) {', '.join(names)}" + (f" ({why_no_gpu})" if why_no_gpu else ""))
+    # raise_on_lease_renewal_failure=False: a transient API error must not kill an hour of training.
+    with concurrency(names, occupy=1, timeout_seconds=timeout_s, lease_duration=LEASE_DURATION_S, strict=True,
+                     raise_on_lease_renewal_failure=False):
+        if log:
+            log(f"holding {', '.join(names)}")
+        yield names

@@ -1,0 +1,173 @@
+"""Real servers and workers for tests, on loopback and free ports, each stopped by its process group.
+
+    with deployed_stack(tmp) as stack, process_worker(stack.worker_env, stack.pool, tmp / "worker.log"):
+        ...
+
+Every process runs in its own session (process group), so stopping it also stops what it started (the
+uvicorn workers of a server, the flow-run subprocesses of a worker, torchrun and its ranks). The context
+managers stop them in `finally`, also when the test fails.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+BIN = Path(sys.executable).parent
+PROJECT = Path(__file__).resolve().parents[1]
+HEADLESS = {"PREFECT_SERVER_ANALYTICS_ENABLED": "false", "DO_NOT_TRACK": "true",
+            "MLFLOW_DISABLE_TELEMETRY": "true", "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1"}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start(cmd: list[str], env: dict[str, str], log_path: Path) -> subprocess.Popen:
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(log_path, "ab") as log:
+        return subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=PROJECT,
+                                start_new_session=True)
+
+
+def stop(proc: subprocess.Popen, grace_s: float = 20.0) -> None:
+    """SIGTERM the process group, then SIGKILL whatever is left of it after `grace_s`."""
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            break
+        try:
+            proc.wait(timeout=grace_s)
+        except subprocess.TimeoutExpired:
+            continue
+        try:  # the leader is gone; children that outlived it still share the group id
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        break
+
+
+def tail(path: Path, lines: int = 40) -> str:
+    return "\n".join(path.read_text(errors="replace").splitlines()[-lines:]) if path.exists() else "(no log)"
+
+
+def wait_healthy(url: str, proc: subprocess.Popen, log_path: Path, timeout_s: float = 120.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{url}: the server exited with {proc.returncode}:\n{tail(log_path)}")
+        try:
+            with urllib.request.urlopen(url, timeout=2) as response:
+                if response.status == 200:
+                    return
+        except (urllib.error.URLError, OSError):
+            pass
+        time.sleep(0.3)
+    raise TimeoutError(f"{url} did not answer within {timeout_s} s:\n{tail(log_path)}")
+
+
+@dataclass(frozen=True)
+class PrefectServer:
+    api_url: str
+    env: dict[str, str]   # what a client, CLI or worker needs to talk to this server
+    log_path: Path
+
+
+def _prefect_cmd(root: Path, port: int) -> tuple[list[str], dict[str, str]]:
+    """A Prefect server (API and services, no UI), SQLite under `root`."""
+    env = {**os.environ, **HEADLESS, "PREFECT_HOME": str(root / "prefect-home"),
+           "PREFECT_API_DATABASE_CONNECTION_URL": f"sqlite+aiosqlite:///{root}/prefect.db",
+           "PREFECT_SERVER_UI_ENABLED": "false"}
+    env.pop("PREFECT_API_URL", None)
+    return [str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)], env
+
+
+def _mlflow_cmd(root: Path, port: int) -> list[str]:
+    """An MLflow tracking server, one worker, artifacts proxied into `root`/mlartifacts."""
+    return [str(BIN / "mlflow"), "server", "--backend-store-uri", f"sqlite:///{root}/mlflow.db",
+            "--artifacts-destination", str(root / "mlartifacts"), "--host", "127.0.0.1", "--port", str(port),
+            "--workers", "1"]
+
+
+@contextmanager
+def servers(root: Path) -> Iterator[tuple[PrefectServer, str]]:
+    """Prefect and MLflow servers on free loopback ports, started side by side; yields (prefect, MLflow URI)."""
+    (root / "prefect").mkdir(parents=True, exist_ok=True)
+    (root / "mlflow").mkdir(parents=True, exist_ok=True)
+    prefect_port, mlflow_port = free_port(), free_port()
+    prefect_log, mlflow_log = root / "prefect" / "server.log", root / "mlflow" / "server.log"
+    cmd, env = _prefect_cmd(root / "prefect", prefect_port)
+    procs = [start(cmd, env, prefect_log)]
+    try:
+        procs.append(start(_mlflow_cmd(root / "mlflow", mlflow_port), {**os.environ, **HEADLESS}, mlflow_log))
+        api_url, mlflow_uri = f"http://127.0.0.1:{prefect_port}/api", f"http://127.0.0.1:{mlflow_port}"
+        wait_healthy(f"{api_url}/health", procs[0], prefect_log)
+        wait_healthy(f"{mlflow_uri}/health", procs[1], mlflow_log)
+        client_env = {**os.environ, **HEADLESS, "PREFECT_HOME": str(root / "client-home"),
+                      "PREFECT_API_URL": api_url}
+        yield PrefectServer(api_url, client_env, prefect_log), mlflow_uri
+    finally:
+        for proc in procs:
+            stop(proc)
+
+
+def prefect_cli(args: list[str], env: dict[str, str], timeout_s: float = 180.0) -> str:
+    """Run the `prefect` CLI against a server; raise with its output when it fails."""
+    done = subprocess.run([str(BIN / "prefect"), "--no-prompt", *args], env=env, cwd=PROJECT, text=True,
+                          capture_output=True, timeout=timeout_s)
+    if done.returncode != 0:
+        raise RuntimeError(f"prefect {' '.join(args)} exited {done.returncode}:\n{done.stdout}\n{done.stderr}")
+    return done.stdout
+
+
+@contextmanager
+def process_worker(env: dict[str, str], pool: str, log_path: Path, name: str = "worker",
+                   limit: int | None = None) -> Iterator[subprocess.Popen]:
+    """A process worker polling `pool` every second; its flow runs start in the project directory."""
+    worker_env = {**env, "PREFECT_WORKER_QUERY_SECONDS": "1", "PREFECT_WORKER_PREFETCH_SECONDS": "2",
+                  "WATTFLOW_PROJECT_DIR": str(PROJECT)}
+    cmd = [str(BIN / "prefect"), "worker", "start", "--pool", pool, "--type", "process", "--name", name]
+    if limit is not None:
+        cmd += ["--limit", str(limit)]
+    proc = start(cmd, worker_env, log_path)
+    try:
+        yield proc
+    finally:
+        stop(proc)
+
+
+@dataclass(frozen=True)
+class Stack:
+    prefect: PrefectServer
+    mlflow_uri: str
+    pool: str
+    root: Path
+
+    @property
+    def worker_env(self) -> dict[str, str]:
+        return {**self.prefect.env, "MLFLOW_TRACKING_URI": self.mlflow_uri}
+
+
+@contextmanager
+def deployed_stack(root: Path, pool: str = "test-gpu", names: list[str] | None = None) -> Iterator[Stack]:
+    """Prefect + MLflow servers, the process pool `pool`, and the deployments `names` (default: all) of
+    deployments/prefect.yaml, created with the CLI commands `make deploy` runs."""
+    with servers(root) as (prefect, mlflow_uri):
+        prefect_cli(["work-pool", "create", pool, "--type", "process"], prefect.env)
+        which = ["--all"] if names is None else [a for name in names for a in ("--name", name)]
+        prefect_cli(["deploy", *which, "--prefect-file", "deployments/prefect.yaml"],
+                    {**prefect.env, "WATTFLOW_POOL": pool})
+        yield Stack(prefect, mlflow_uri, pool, root)

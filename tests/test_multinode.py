@@ -1,0 +1,124 @@
+"""Multi-node training through Prefect, for real: two process workers on one pool, the train-node deployment,
+nnodes=2 with one Gloo CPU rank each, c10d rendezvous on 127.0.0.1; one process group, one result."""
+
+from __future__ import annotations
+
+import contextvars
+import json
+import threading
+
+import pytest
+from prefect.settings import PREFECT_API_URL, temporary_settings
+from servers import deployed_stack, process_worker, tail
+
+from flows.multinode import node_energy, stage_result, train_multinode
+from tasks.concurrency import measured_slot, slot_names
+from wattflow.config import PipelineConfig
+from wattflow.energy import EnergyResult, FakeNvml
+from wattflow.models import sha256_file
+
+
+def tiny_config(work_dir) -> PipelineConfig:
+    return PipelineConfig.model_validate({
+        "work_dir": str(work_dir), "experiment": "multinode",
+        "train": {"model": "mlp", "mlp_hidden": [32], "epochs": 3, "cpu_ranks": 1, "timeout_s": 300},
+        "energy": {"backend": "cpu-time"}})
+
+
+def record(node_rank: int, host: str, kind: str, energy_j: float, holds_rank0: bool) -> dict:
+    device = {"device": "cpu", "kind": kind, "energy_j": energy_j, "duration_s": 2.0, "method": "m",
+              "flags": [], "note": ""}
+    energy = {"name": "train", "node": host, "duration_s": 2.0, "devices": [device]}
+    train = {"holds_rank0": holds_rank0, "world_size": 2, "checkpoint": "/shared/model.pt" if holds_rank0 else None,
+             "sha256": "ab" * 32 if holds_rank0 else None, "device": "cpu", "samples_seen": 100, "restarts": 0,
+             "metrics": {"val_accuracy": 0.9, "train_duration_s": 1.5} if holds_rank0 else {}}
+    return {"node_rank": node_rank, "host": host, "train": train, "energy": energy}
+
+
+def test_co_located_nodes_count_device_counters_once_and_process_estimates_each():
+    estimates = [record(0, "box", "cpu-estimate", 5.0, False), record(1, "box", "cpu-estimate", 7.0, True)]
+    assert sum(e.energy_j for e in node_energy(estimates)) == pytest.approx(12.0)
+    rapl = [record(0, "box", "cpu", 50.0, False), record(1, "box", "cpu", 51.0, True)]
+    assert [e.energy_j for e in node_energy(rapl)] == [50.0]  # the host's package counter, once
+    cluster = [record(0, "a", "cpu", 50.0, True), record(1, "b", "cpu", 40.0, False)]
+    result = stage_result(tiny_config("/tmp"), cluster)
+    assert result.energy_result.energy_j == pytest.approx(90.0) and result.energy_result.nodes == ("a", "b")
+    assert result.artifact.path == "/shared/model.pt" and result.params["rank0_node"] == "a"
+
+
+def test_a_job_without_exactly_one_rank0_is_refused():
+    with pytest.raises(RuntimeError, match="exactly one node holding global rank 0"):
+        stage_result(tiny_config("/tmp"), [record(0, "a", "cpu", 1.0, False), record(1, "b", "cpu", 1.0, False)])
+
+
+def test_slots_are_keyed_by_host_and_physical_gpu(monkeypatch):
+    nvml = FakeNvml(device_count=4)
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    assert slot_names("h", nvml) == ["gpu:h:0", "gpu:h:1", "gpu:h:2", "gpu:h:3"]
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", f"2,{nvml.uuids[0][:12]}")  # an index and a UUID prefix
+    assert slot_names("h", nvml) == ["gpu:h:2", "gpu:h:0"]
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")  # no GPU visible: the host-wide slot
+    assert slot_names("h", nvml) == ["cpu:h"]
+
+
+def holds_one_at_a_time(names: list[str]) -> list[str]:
+    """Two threads enter measured_slot; the second must wait until the first leaves."""
+    order: list[str] = []
+    first_in, release = threading.Event(), threading.Event()
+
+    def first():
+        with measured_slot(names=names):
+            order.append("first-in")
+            first_in.set()
+            release.wait(30)
+            order.append("first-out")
+
+    def second():
+        first_in.wait(30)
+        with measured_slot(names=names):
+            order.append("second-in")
+
+    # Each thread runs in a copy of this context: Prefect's settings (the server's URL) live in a contextvar.
+    threads = [threading.Thread(target=contextvars.copy_context().run, args=(fn,)) for fn in (first, second)]
+    for t in threads:
+        t.start()
+    first_in.wait(30)
+    threading.Event().wait(2.0)  # time for the second to try (and be refused) before the first leaves
+    order.append("released")
+    release.set()
+    for t in threads:
+        t.join(60)
+    return order
+
+
+@pytest.mark.integration
+def test_two_workers_two_nodes_one_process_group(tmp_path_factory):
+    root = tmp_path_factory.mktemp("multinode")
+    out_dir = root / "shared"
+    with deployed_stack(root, pool="test-nodes", names=["train-node"]) as stack:
+        # limit 1: each worker takes one node run, so the two nodes really run under two workers
+        with process_worker(stack.worker_env, stack.pool, root / "worker-a.log", "worker-a", limit=1), \
+                process_worker(stack.worker_env, stack.pool, root / "worker-b.log", "worker-b", limit=1), \
+                temporary_settings({PREFECT_API_URL: stack.prefect.api_url}):
+            try:
+                result = train_multinode(tiny_config(root / "artifacts"), 2, out_dir, rdzv_host="127.0.0.1",
+                                         poll_s=1.0)
+            except Exception as e:
+                raise AssertionError(f"{e}\nworker a:\n{tail(root / 'worker-a.log')}\n"
+                                     f"worker b:\n{tail(root / 'worker-b.log')}") from e
+            # measured_slot against the real server: created on first use, limit 1, one holder at a time
+            assert holds_one_at_a_time(["gpu:test-host:0"]) == ["first-in", "released", "first-out", "second-in"]
+
+    records = [json.loads((out_dir / f"node-{i}.json").read_text()) for i in (0, 1)]
+    assert [r["train"]["world_size"] for r in records] == [2, 2]   # both nodes joined one process group
+    assert sorted(r["train"]["holds_rank0"] for r in records) == [False, True]
+    for name in ("worker-a", "worker-b"):
+        assert (root / f"{name}.log").read_text().count("submitted to infrastructure") == 1, name
+
+    assert result.params["world_size"] == 2 and result.params["nnodes"] == 2
+    assert sha256_file(result.artifact.path) == result.artifact.sha256   # rank 0's checkpoint, intact
+    assert 0 < result.metrics["val_accuracy"] <= 1
+    energy = result.energy_result
+    node_j = [EnergyResult.from_dict(r["energy"]).energy_j for r in records]
+    assert energy.method == "estimated:cpu-time" and len(energy.nodes) == 2
+    assert energy.energy_j == pytest.approx(sum(node_j)) and all(j > 0 for j in node_j)
