@@ -73,6 +73,7 @@ def test_pipeline_logs_the_mlflow_contract(prefect_server, mlflow_uri, tmp_path)
     children = client.search_runs([parent.info.experiment_id],
                                   filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
     by_name = {c.info.run_name: c for c in children}
+    train = by_name["train"].data.metrics
     assert set(by_name) == {"train", "prune-0.8", "onnx-int8-static", "bf16", "distill", "distill+prune-0.9",
                             "distill+prune-0.9+kmeans-4bit", "channels-0.5"}
     assert {c.data.tags["wattflow.stage"] for c in children} == {"train", "prune", "quantize", "distill"}
@@ -98,18 +99,36 @@ def test_pipeline_logs_the_mlflow_contract(prefect_server, mlflow_uri, tmp_path)
                                              output_format="list")
         assert len(logged) == 1, child.info.run_name
 
-    train = by_name["train"].data.metrics
     assert train["accuracy"] >= 0.95
     assert by_name["onnx-int8-static"].data.metrics["size_bytes"] <= 0.35 * train["size_bytes"]
     assert by_name["onnx-int8-static"].data.metrics["accuracy"] >= train["accuracy"] - 0.02
     assert by_name["prune-0.8"].data.metrics["sparsity"] == pytest.approx(0.8, abs=0.01)
     assert by_name["prune-0.8"].data.metrics["nonzero_params"] < 0.3 * train["param_count"]
 
-    # The Prefect side: the flow run the parent points at completed, and published the table.
+    # The Prefect side: the flow run the parent points at completed, and published its artifacts.
     flow_run, artifacts = asyncio.run(read_flow_run(parent.data.tags["prefect.flow_run_id"]))
     assert flow_run.state.is_completed()
-    table = [a for a in artifacts if a.key == "wattflow-variants" and a.flow_run_id == flow_run.id]
-    assert len(table) == 1 and "onnx-int8-static" in str(table[0].data)
+    mine = {a.key: a for a in artifacts if a.flow_run_id == flow_run.id}
+    assert {"wattflow-variants", "wattflow-report", "wattflow-training-progress"} <= set(mine)
+    assert "onnx-int8-static" in str(mine["wattflow-variants"].data)
+    assert mine["wattflow-training-progress"].type == "progress" and mine["wattflow-training-progress"].data == 100.0
+    assert result["champion"] in mine["wattflow-report"].data and mine["wattflow-report"].type == "markdown"
+
+    # The champion: registered under its alias, a child of this flow's parent run, and (from the MLflow
+    # metrics alone) within the accuracy budget and the lowest energy per inference among those that are.
+    registered = client.get_model_version_by_alias("wattflow-digits", "champion")
+    champion_run = client.get_run(registered.run_id)
+    assert champion_run.data.tags["mlflow.parentRunId"] == parent.info.run_id
+    assert champion_run.info.run_name == result["champion"] == parent.data.tags["wattflow.champion"]
+    budget = 0.5 / 100
+    in_budget = [c for c in children if c.data.metrics["accuracy"] >= train["accuracy"] - budget - 1e-12]
+    assert champion_run.info.run_id in {c.info.run_id for c in in_budget}
+    assert champion_run.data.metrics["energy_per_1k_inferences_j"] == min(
+        c.data.metrics["energy_per_1k_inferences_j"] for c in in_budget)
+    baseline = client.get_model_version_by_alias("wattflow-digits", "baseline")
+    assert client.get_run(baseline.run_id).info.run_name == "train"
+    selection_files = {f.path for f in client.list_artifacts(parent.info.run_id, "selection")}
+    assert selection_files == {"selection/pareto.png", "selection/variants.csv", "selection/report.md"}
     assert [r["variant"] for r in result["rows"]] == ["train", "prune-0.8", "onnx-int8-static", "bf16", "distill",
                                                       "distill+prune-0.9", "distill+prune-0.9+kmeans-4bit",
                                                       "channels-0.5"]

@@ -10,7 +10,8 @@ from pathlib import Path
 from typing import Annotated, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (BaseModel, ConfigDict, Field, ValidationError, WithJsonSchema, field_validator,
+                      model_serializer, model_validator)
 
 # onnx-*: ONNX Runtime; bf16: a torch cast; int8-weights / kmeans-4bit: weights snapped to an int8 grid or to
 # 16 shared values (Deep Compression's weight sharing), deployed in wattflow's packed format.
@@ -24,12 +25,29 @@ class _Section(BaseModel):
 
 
 class DataConfig(_Section):
-    dataset: Literal["digits"] = Field("digits", description="Dataset: scikit-learn's bundled 8x8 digits.")
+    dataset: Literal["digits", "npz"] = Field(
+        "digits", description="digits: scikit-learn's bundled 8x8 digits; npz: your own samples in the file "
+        "`path`.")
+    path: str | None = Field(
+        None, min_length=1, max_length=4096,
+        description="With dataset npz: a .npz file holding float32 `x` [N, features] or [N, 1, side, side] and "
+        "integer class labels `y` [N] (0..classes-1). Checked before training (wattflow.data.check_data).")
     val_fraction: float = Field(0.15, gt=0.0, lt=0.5, description="Share of samples held out for validation.")
     test_fraction: float = Field(0.2, gt=0.0, lt=0.5, description="Share of samples held out for the test.")
     seed: int = Field(0, ge=0, le=2**31 - 1, description="Seed of the stratified split.")
     augment_factor: int = Field(1, ge=1, le=64, description="Grow the train split to this many times its size "
                                 "with deterministic shifted copies of its images (val and test untouched).")
+
+    @model_validator(mode="after")
+    def _path_goes_with_npz(self) -> DataConfig:
+        # The file itself is checked by wattflow.data.check_data: the config may be validated on a machine
+        # (the Prefect UI, a scheduler) that does not hold the data.
+        if self.dataset == "npz" and self.path is None:
+            raise ValueError("dataset npz needs data.path: the .npz file with arrays x and y")
+        if self.dataset != "npz" and self.path is not None:
+            raise ValueError(f"data.path is only read with dataset npz (dataset is {self.dataset!r}): "
+                             "set dataset: npz or remove path")
+        return self
 
 
 class TrainConfig(_Section):
@@ -47,6 +65,17 @@ class TrainConfig(_Section):
     threads_per_rank: int = Field(1, ge=1, le=256, description="torch intra-op threads per rank.")
     seed: int = Field(0, ge=0, le=2**31 - 1, description="Seed of initialisation and shuffling.")
     timeout_s: float = Field(3600.0, gt=0.0, le=7 * 86400.0, description="Kill the launch after this long.")
+    nnodes: int = Field(1, ge=1, le=1024, description="Nodes: above 1, one train-node deployment run per node "
+                        "on the work pool, joined by torchrun's c10d rendezvous; work_dir must be shared storage.")
+    rdzv_host: str | None = Field(None, max_length=253, description="Host the nodes rendezvous on (the flow "
+                                  "run's host serves the store); default: this host's name, 127.0.0.1 for 1 host.")
+    device: Literal["auto", "cpu", "cuda"] = Field(
+        "auto", description="auto: one rank per visible GPU, else cpu_ranks Gloo CPU ranks; cpu: Gloo CPU ranks "
+        "even where GPUs exist; cuda: one rank per GPU, and an error before launch where there is none.")
+    max_restarts: int = Field(2, ge=0, le=100, description="torchrun --max-restarts: times the worker group is "
+                              "restarted after a rank dies; it resumes from the last training-state checkpoint.")
+    checkpoint_every_epochs: int = Field(1, ge=1, le=1000, description="Write the resumable training state "
+                                         "(model, optimizer, schedule, epoch) every this many epochs.")
 
     @field_validator("mlp_hidden", "cnn_channels")
     @classmethod
@@ -97,7 +126,8 @@ class PruneStep(_Section):
 
 class QuantizeStep(_Section):
     kind: Literal["quantize"] = "quantize"
-    backend: QuantBackend
+    backend: QuantBackend = Field(description="onnx-*: ONNX Runtime; bf16: a torch cast; int8-weights / "
+                                  "kmeans-4bit: packed weights; torchao-*: torchao (some need CUDA).")
 
 
 class DistillStep(_Section):
@@ -130,7 +160,7 @@ class ChainConfig(_Section):
     """A variant: steps applied in order to the trained model, e.g. "distill -> prune:0.9 -> int8-weights".
     Chains sharing a prefix share its work: "prune:0.8" is computed once for all chains that start with it."""
 
-    steps: list[Step] = Field(min_length=1, max_length=8)
+    steps: list[Step] = Field(min_length=1, max_length=8, description="The steps, applied in order.")
 
     @model_validator(mode="before")
     @classmethod
@@ -153,6 +183,27 @@ class ChainConfig(_Section):
     def labels(self) -> list[str]:
         return [step_label(s) for s in self.steps]
 
+    @model_serializer
+    def _as_compact(self) -> str:
+        """Dumped in the compact form (exact: floats as repr), which is what recipes, MLflow params and the
+        Prefect form show, and which parses back to an equal chain."""
+        return " -> ".join(compact_step(s) for s in self.steps)
+
+
+def compact_step(step: PruneStep | QuantizeStep | DistillStep) -> str:
+    if isinstance(step, PruneStep):
+        return f"{'prune' if step.method == 'unstructured' else 'channels'}:{step.sparsity!r}"
+    return step.backend if isinstance(step, QuantizeStep) else "distill"
+
+
+# The Prefect form and the server's parameter check read this schema: a chain is typed as its compact string
+# (an object form {"steps": [...]} is accepted too).
+ChainParameter = Annotated[ChainConfig, WithJsonSchema({
+    "anyOf": [{"type": "string", "title": "chain", "examples": ["prune:0.8 -> onnx-int8-static"]},
+              {"type": "object", "title": "steps", "properties": {"steps": {"type": "array"}}}],
+    "description": "Steps joined by ' -> ': prune:S, channels:S (structured), distill (first only), or a "
+                   "quantize backend (last only).",
+})]
 
 DEFAULT_CHAINS = ["prune:0.8", "onnx-int8-static", "bf16", "prune:0.8 -> onnx-int8-static", "prune:0.8 -> bf16"]
 
@@ -201,36 +252,87 @@ class EnergyConfig(_Section):
                        "assumed).")
 
 
+class CacheConfig(_Section):
+    """Resume without retraining: stage outputs are cached on (configuration slice, input sha256, code version)."""
+
+    enabled: bool = Field(True, description="Reuse a trained checkpoint or compressed variant whose inputs are "
+                          "unchanged (its Prefect task ends Cached), instead of spending the energy again.")
+    refresh: bool = Field(False, description="Recompute every stage even when a cached result exists.")
+    result_storage: str | None = Field(
+        None, min_length=1, max_length=500,
+        description="Where cached stage results persist: a directory every worker can read, or a Prefect "
+        "storage block as 'block:<type>/<name>' (e.g. block:s3-bucket/wattflow-results). Default: "
+        "<work_dir>/cache.")
+
+
+# What the champion minimises among the variants within the accuracy budget.
+Objective = Literal["energy_per_1k_inferences_j", "deployable_bytes", "latency_b1_ms", "latency_b256_ms"]
+
+
+class SelectConfig(_Section):
+    """How the champion is chosen and where it is registered."""
+
+    model_name: str = Field("wattflow-digits", min_length=1, max_length=200,
+                            description="MLflow Model Registry name for the champion and baseline versions.")
+    accuracy_budget_points: float = Field(
+        0.5, ge=0.0, le=100.0, description="Largest accuracy loss allowed vs the trained model, in absolute "
+        "percentage points (0.5 = 0.005 in accuracy fraction: 97.2% -> at least 96.7%).")
+    objective: Objective = Field("energy_per_1k_inferences_j",
+                                 description="What the champion minimises among the variants within budget.")
+
+
 class PipelineConfig(_Section):
     experiment: str = Field("wattflow", min_length=1, max_length=200, description="MLflow experiment name.")
     work_dir: str = Field(".wattflow/artifacts", min_length=1,
                           description="Where checkpoints and exported models are written.")
-    data: DataConfig = DataConfig()
-    train: TrainConfig = TrainConfig()
-    chains: list[ChainConfig] = Field(
+    data: DataConfig = Field(DataConfig(), description="The dataset and its split.")
+    train: TrainConfig = Field(TrainConfig(), description="Distributed training (torchrun DDP).")
+    chains: list[ChainParameter] = Field(
         [ChainConfig.model_validate(c) for c in DEFAULT_CHAINS], max_length=64,
         description="Variants to build from the trained model, each a chain of steps; compact form "
         "'distill -> prune:0.9 -> int8-weights' or a list of step objects.")
-    prune: PruneConfig = PruneConfig()
-    quantize: QuantizeConfig = QuantizeConfig()
-    distill: DistillConfig = DistillConfig()
-    eval: EvalConfig = EvalConfig()
-    energy: EnergyConfig = EnergyConfig()
+    prune: PruneConfig = Field(PruneConfig(), description="Settings of every prune step.")
+    quantize: QuantizeConfig = Field(QuantizeConfig(), description="Settings of every quantize step.")
+    distill: DistillConfig = Field(DistillConfig(), description="Settings of every distill step.")
+    eval: EvalConfig = Field(EvalConfig(), description="How every variant is evaluated.")
+    energy: EnergyConfig = Field(EnergyConfig(), description="How energy is measured and turned into CO2e.")
+    cache: CacheConfig = Field(CacheConfig(), description="Reuse of unchanged stages across flow runs.")
+    select: SelectConfig = Field(SelectConfig(), description="How the champion is chosen and registered.")
 
 
 class ConfigError(ValueError):
     """A recipe that does not validate; the message names every bad field and its allowed range."""
 
 
+def _section_keys(loc: tuple) -> list[str] | None:
+    """The keys allowed where `loc` points (a section of PipelineConfig), or None when not a plain section."""
+    model: type[BaseModel] = PipelineConfig
+    for part in loc:
+        field = model.model_fields.get(str(part))
+        if field is None or not (isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel)):
+            return None
+        model = field.annotation
+    return list(model.model_fields)
+
+
 def describe_errors(err: ValidationError) -> str:
     lines = []
     for e in err.errors():
         field = ".".join(str(p) for p in e["loc"]) or "(root)"
-        lines.append(f"  {field}: {e['msg']} (got {e.get('input')!r})")
+        got = repr(e.get("input"))
+        got = got if len(got) <= 200 else got[:200] + "..."  # a whole section as input would drown the cause
+        hint = ""
+        if e["type"] == "extra_forbidden":  # a typo: name what is allowed there
+            allowed = _section_keys(tuple(e["loc"][:-1]))
+            hint = f"; unknown key, check its spelling (allowed: {', '.join(allowed)})" if allowed else ""
+        lines.append(f"  {field}: {e['msg']} (got {got}){hint}")
     return "invalid configuration:\n" + "\n".join(lines)
 
 
 def parse_config(data: dict | None) -> PipelineConfig:
+    if data is not None and not isinstance(data, dict):
+        raise ConfigError(f"a configuration must be a mapping of sections (data, train, ...), "
+                          f"got {type(data).__name__}")
     try:
         return PipelineConfig.model_validate(data or {})
     except ValidationError as err:
@@ -243,8 +345,13 @@ def load_config(path: str | Path | None) -> PipelineConfig:
         return PipelineConfig()
     path = Path(path)
     if not path.is_file():
-        raise ConfigError(f"recipe {path} does not exist")
-    data = yaml.safe_load(path.read_text())
+        raise ConfigError(f"recipe {path} does not exist or is not a file: pass the path of a YAML recipe "
+                          "(see deployments/recipes/)")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, yaml.YAMLError) as err:
+        raise ConfigError(f"recipe {path} is not readable YAML ({type(err).__name__}: {err}); "
+                          "fix the file (UTF-8 text, a mapping of sections such as train:, chains:)") from None
     if data is not None and not isinstance(data, dict):
         raise ConfigError(f"recipe {path} must be a YAML mapping, got {type(data).__name__}")
     return parse_config(data)

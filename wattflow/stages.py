@@ -43,6 +43,7 @@ class StageResult(BaseModel):
     metrics: dict[str, float] = {}   # stage-specific figures (val accuracy, achieved sparsity, ...)
     energy: dict                     # EnergyResult.to_dict() of this stage's own work
     mlflow_run_id: str | None = None
+    cached: bool = False       # reused from an earlier flow run: its energy was spent there, not here
 
     @property
     def energy_result(self) -> EnergyResult:
@@ -58,7 +59,8 @@ def train_stage(cfg: PipelineConfig, out_dir: Path, meter: EnergyMeter,
         artifact=Artifact(path=out.checkpoint, format="torch", sha256=out.sha256),
         params={"model": cfg.train.model, "world_size": out.world_size, "device": out.device},
         metrics={"val_accuracy": out.metrics["val_accuracy"], "samples_seen": out.samples_seen,
-                 "train_duration_s": out.metrics["train_duration_s"]},
+                 # the last attempt's duration; the energy window covers every attempt
+                 "train_duration_s": out.metrics["train_duration_s"], "restarts": out.restarts},
         energy=w.result.to_dict())
 
 

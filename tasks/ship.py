@@ -1,0 +1,67 @@
+"""Choose and ship the winner: selection, the registry aliases, and the report in both UIs.
+
+MLflow's parent run gets the Pareto plot, the comparison CSV and the markdown report; Prefect gets the
+same report as a keyed markdown artifact, so its history across runs shows on the Artifacts page."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from prefect import get_run_logger, task
+from prefect.artifacts import create_markdown_artifact
+from prefect.cache_policies import NO_CACHE
+from prefect.runtime import flow_run
+
+from wattflow.config import PipelineConfig
+from wattflow.figures import comparison_csv, markdown_report, pareto_png
+from wattflow.registry import register_variants
+from wattflow.select import Selection, exact_rows, select_champion
+from wattflow.stages import StageResult
+from wattflow.tracking import Tracker
+
+REPORT_ARTIFACT_KEY = "wattflow-report"
+
+
+@task(name="select", cache_policy=NO_CACHE)
+def select(cfg: PipelineConfig, rows: list[dict], figures: list[dict]) -> Selection:
+    """On the exact figures (the rows are rounded for display), as MLflow holds them."""
+    selection = select_champion(exact_rows(rows, figures), cfg.select.accuracy_budget_points, cfg.select.objective)
+    get_run_logger().info("champion: %s (%s)", selection.champion, selection.reason)
+    return selection
+
+
+def mlflow_link(tracker: Tracker, experiment_id: str, run_id: str) -> str:
+    path = f"#/experiments/{experiment_id}/runs/{run_id}"
+    if tracker.tracking_uri.startswith("http"):
+        return f"{tracker.tracking_uri.rstrip('/')}/{path}"
+    return f"http://127.0.0.1:5000/{path} (after `make mlflow-ui`)"
+
+
+@task(name="ship", cache_policy=NO_CACHE)
+def ship(cfg: PipelineConfig, parent_run_id: str, run_dir: str, experiment_id: str, selection: Selection,
+         variants: list[StageResult], rows: list[dict], pipeline_energy: dict) -> dict[str, str]:
+    """Register champion and baseline, and publish the plot, CSV and report. Returns alias -> version."""
+    tracker = Tracker(journal_dir=run_dir)
+    if tracker.offline:  # the registry is not journaled: register after `wattflow.sync`, by hand
+        get_run_logger().warning("MLflow is unreachable: the champion (%s) is not registered", selection.champion)
+        aliases = {}
+    else:
+        aliases = register_variants(tracker, selection, variants, rows, cfg.select.model_name, str(flow_run.id))
+    summary = {"model": cfg.train.model, "epochs": cfg.train.epochs, "chains": [" -> ".join(c.labels)
+               for c in cfg.chains], "select": cfg.select.model_dump(), "energy backend": cfg.energy.backend,
+               "registered": {alias: f"{cfg.select.model_name} v{v}" for alias, v in aliases.items()}}
+    report = markdown_report(summary, rows, selection, [*(v.energy for v in variants), pipeline_energy],
+                             mlflow_link(tracker, experiment_id, parent_run_id))
+    selection_dir = Path(run_dir) / "selection"  # kept beside the checkpoints, whatever MLflow's state
+    selection_dir.mkdir(parents=True, exist_ok=True)
+    files = [pareto_png(rows, selection, selection_dir / "pareto.png"),
+             comparison_csv(rows, selection, selection_dir / "variants.csv")]
+    (selection_dir / "report.md").write_text(report)
+    if not tracker.offline:
+        for path in [*files, selection_dir / "report.md"]:
+            tracker.client.log_artifact(parent_run_id, str(path), "selection")
+    tracker.set_tags(parent_run_id, {"wattflow.champion": selection.champion,
+                                     "wattflow.champion_reason": selection.reason[:5000]})
+    create_markdown_artifact(report, key=REPORT_ARTIFACT_KEY,
+                             description=f"wattflow: champion {selection.champion}")
+    return aliases
