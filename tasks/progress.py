@@ -58,3 +58,10 @@ class TrainingProgress:
         text = f"training: epoch {self.epoch}/{self.epochs}, val accuracy {line['val_accuracy']:.4f}"
         update_progress_artifact(self.artifact_id, 100.0 * self.epoch / self.epochs, description=text)
         report("train", self.epoch, self.epochs, text)
+
+
+def training_reused(produced_by_flow_run: str) -> None:
+    """A cached training still reports complete progress, saying where the epochs were run."""
+    create_progress_artifact(100.0, key=TRAINING_ARTIFACT_KEY,
+                             description=f"training reused (cached) from flow run {produced_by_flow_run}")
+    report("train", 1, 1, "training: reused (cached)")

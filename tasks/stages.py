@@ -17,7 +17,7 @@ from prefect.runtime import flow_run
 
 from flows.multinode import train_multinode
 from tasks.concurrency import measured_slot
-from tasks.progress import TrainingProgress
+from tasks.progress import TrainingProgress, training_reused
 from wattflow import stages
 from wattflow.chains import PlannedStep
 from wattflow.compress.quantize import backend_available
@@ -90,8 +90,11 @@ def build_variant(cfg: PipelineConfig, planned: PlannedStep, source: StageResult
 @task(name="train", cache_policy=NO_CACHE)
 def train(cfg: PipelineConfig, parent_run_id: str, run_dir: str) -> StageResult:
     out_dir = str(Path(run_dir) / "train")
-    return tag_cache(record_stage(Tracker(journal_dir=run_dir), parent_run_id, "train", "train",
-                                  lambda: run_cached(train_model, cfg, out_dir), cfg.energy), run_dir)
+    result = tag_cache(record_stage(Tracker(journal_dir=run_dir), parent_run_id, "train", "train",
+                                    lambda: run_cached(train_model, cfg, out_dir), cfg.energy), run_dir)
+    if result.cached:
+        training_reused(str(result.params.get("produced_by_flow_run", "unknown")))
+    return result
 
 
 @task(name="compress", cache_policy=NO_CACHE, task_run_name="{planned.name}")

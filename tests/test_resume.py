@@ -1,11 +1,12 @@
 """Resume without retraining: a flow that failed after training is re-run with the same configuration and
 reuses the trained checkpoint (its Prefect task ends Cached, no training is launched, no training energy
-is spent); a changed training field invalidates the cache."""
+is spent); a changed training field, or a checkpoint that is gone, invalidates the cache."""
 
 from __future__ import annotations
 
 import asyncio
 import uuid
+from pathlib import Path
 
 import pytest
 from mlflow.tracking import MlflowClient
@@ -15,7 +16,9 @@ from test_pipeline_integration import mlflow_uri, prefect_server  # noqa: F401 (
 
 import wattflow.stages
 from flows.pipeline import pipeline
+from wattflow.chains import plan
 from wattflow.config import PipelineConfig
+from wattflow.provenance import step_cache_key, train_cache_key
 
 pytestmark = pytest.mark.integration
 
@@ -38,6 +41,11 @@ async def task_states(flow_run_id: str) -> dict[str, str]:
     return {r.name: r.state.name for r in runs}
 
 
+async def artifacts_of(flow_run_id: str) -> dict:
+    async with get_client() as client:
+        return {a.key: a for a in await client.read_artifacts() if a.flow_run_id == uuid.UUID(flow_run_id)}
+
+
 @pytest.fixture
 def launches(monkeypatch):
     """Counts real torchrun launches."""
@@ -49,6 +57,13 @@ def launches(monkeypatch):
 
 def flow_run_id(uri: str, result: dict) -> str:
     return MlflowClient(uri).get_run(result["mlflow_run_id"]).data.tags["prefect.flow_run_id"]
+
+
+def cached_names(flow_run: str) -> list[str]:
+    states = asyncio.run(task_states(flow_run))
+    # train-model runs get Prefect's generated suffix; build runs are named after their variant
+    return sorted("train-model" if name.startswith("train-model") else name
+                  for name, state in states.items() if state == "Cached")
 
 
 def test_a_rerun_after_a_failed_later_stage_reuses_the_trained_checkpoint(
@@ -64,12 +79,11 @@ def test_a_rerun_after_a_failed_later_stage_reuses_the_trained_checkpoint(
         pipeline(cfg)
     assert len(launches) == 1
 
+    # Fixed, same configuration: the trained checkpoint is reused, no second training launch.
     monkeypatch.setattr(wattflow.stages, "step_stage", real_step)
     result = pipeline(cfg)
     assert len(launches) == 1, "the second run trained again"
-    states = asyncio.run(task_states(flow_run_id(mlflow_uri, result)))
-    assert states["train-model-0"] == "Cached" if "train-model-0" in states else any(
-        name.startswith("train-model") and state == "Cached" for name, state in states.items())
+    assert cached_names(flow_run_id(mlflow_uri, result)) == ["train-model"]
     client = MlflowClient(mlflow_uri)
     runs = {r.info.run_name: r for r in client.search_runs(
         [client.get_run(result["mlflow_run_id"]).info.experiment_id],
@@ -79,25 +93,30 @@ def test_a_rerun_after_a_failed_later_stage_reuses_the_trained_checkpoint(
     assert runs["train"].info.status == runs["prune-0.5"].info.status == "FINISHED"
     # The training energy is reported where it was spent: the first flow run produced the checkpoint.
     assert runs["train"].data.params["produced_by_flow_run"] != flow_run_id(mlflow_uri, result)
+    assert next(r for r in result["rows"] if r["variant"] == "train")["stage_energy_flags"] == "cached"
+    progress = asyncio.run(artifacts_of(flow_run_id(mlflow_uri, result)))["wattflow-training-progress"]
+    assert progress.data == 100.0 and "cached" in progress.description
 
-    # Same configuration again: everything before evaluation is reused.
+    # Same configuration again: every stage before evaluation is reused.
     again = pipeline(cfg)
-    states = asyncio.run(task_states(flow_run_id(mlflow_uri, again)))
     assert len(launches) == 1
-    assert sorted(s for n, s in states.items() if n.startswith(("train-model", "build-"))) == ["Cached", "Cached"]
+    assert cached_names(flow_run_id(mlflow_uri, again)) == ["build-prune-0.5", "train-model"]
 
-    # A changed training field invalidates the cache.
-    pipeline(quick_config(tmp_path, epochs=3))
-    assert len(launches) == 2
-
-
-def test_a_cached_checkpoint_that_was_deleted_is_recomputed(prefect_server, mlflow_uri, tmp_path,  # noqa: F811
-                                                           launches):
-    cfg = quick_config(tmp_path)
-    first = pipeline(cfg)
-    train_row = next(r for r in first["rows"] if r["variant"] == "train")
-    assert train_row
+    # A cached checkpoint that is gone can't be vouched for: it is trained again.
     for checkpoint in (tmp_path / "artifacts").rglob("train/model.pt"):
         checkpoint.unlink()
     pipeline(cfg)
     assert len(launches) == 2
+
+
+def test_the_cache_key_changes_with_what_changes_the_output():
+    cfg = quick_config(Path("/tmp"))
+    key = train_cache_key(cfg)
+    assert train_cache_key(cfg.model_copy(update={"train": cfg.train.model_copy(update={"epochs": 3})})) != key
+    assert train_cache_key(cfg.model_copy(update={"data": cfg.data.model_copy(update={"seed": 1})})) != key
+    for harmless in ({"timeout_s": 5.0}, {"max_restarts": 0}, {"checkpoint_every_epochs": 2}):
+        assert train_cache_key(cfg.model_copy(update={"train": cfg.train.model_copy(update=harmless)})) == key
+    planned = plan(cfg.chains)[0]
+    assert step_cache_key(cfg, planned, "a" * 64) != step_cache_key(cfg, planned, "b" * 64)
+    assert step_cache_key(cfg, planned, "a" * 64) != step_cache_key(
+        cfg.model_copy(update={"prune": cfg.prune.model_copy(update={"lr": 0.02})}), planned, "a" * 64)
