@@ -16,6 +16,8 @@ export MLFLOW_HTTP_REQUEST_MAX_RETRIES ?= 2
 export MLFLOW_HTTP_REQUEST_TIMEOUT ?= 30
 # wattflow's own warnings (an MLflow outage, its sync command) reach the Prefect UI's logs too.
 export PREFECT_LOGGING_EXTRA_LOGGERS ?= wattflow
+# ...and outside a flow run (make sync) they stay local instead of warning that there is no run to send to.
+export PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW ?= ignore
 # Honour the user's servers; otherwise keep every bit of state under the project.
 export MLFLOW_TRACKING_URI ?= sqlite:///$(STATE)/mlflow.db
 export PREFECT_HOME ?= $(STATE)/prefect
@@ -71,7 +73,7 @@ run-flow: setup state
 	@echo "Prefect: $${PREFECT_API_URL:-local server, state in $$PREFECT_HOME}"
 	$(PY) -m flows.pipeline $(if $(CONFIG),--config "$(CONFIG)")
 
-test: setup
+test: setup state
 	$(PY) -m pytest
 
 lint: setup

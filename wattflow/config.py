@@ -10,8 +10,16 @@ from pathlib import Path
 from typing import Annotated, Literal
 
 import yaml
-from pydantic import (BaseModel, ConfigDict, Field, ValidationError, WithJsonSchema, field_validator,
-                      model_serializer, model_validator)
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    WithJsonSchema,
+    field_validator,
+    model_serializer,
+    model_validator,
+)
 
 # onnx-*: ONNX Runtime; bf16: a torch cast; int8-weights / kmeans-4bit: weights snapped to an int8 grid or to
 # 16 shared values (Deep Compression's weight sharing), deployed in wattflow's packed format.

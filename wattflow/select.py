@@ -170,23 +170,28 @@ def _reason(rows: list[dict], champion: int, eligible: list[int], in_budget: set
     if champion != 0:
         row = rows[champion]
         drop = accuracy_drop_points(rows, champion)
-        versus = (f"{base[objective]} for the baseline" if known(base.get(objective, UNKNOWN))
+        versus = (f"{_g(base[objective])} for the baseline" if known(base.get(objective, UNKNOWN))
                   else "unknown for the baseline")
-        return (f"{row['variant']} has the lowest {objective} ({row[objective]} {unit}; {versus}) among the "
+        return (f"{row['variant']} has the lowest {objective} ({_g(row[objective])} {unit}; {versus}) among the "
                 f"{len(eligible)} Pareto-optimal variant(s) within {budget:g} accuracy points of "
-                f"{base['variant']} (accuracy {row['accuracy']} vs {base['accuracy']}: "
+                f"{base['variant']} (accuracy {_g(row['accuracy'])} vs {_g(base['accuracy'])}: "
                 f"{_signed_points(-drop)}).")
     others_in_budget = sorted(in_budget - {0})
     if not others_in_budget:
         return (f"no variant is within {budget:g} accuracy points of {base['variant']} (accuracy "
-                f"{base['accuracy']}), so the baseline stays the champion.")
+                f"{_g(base['accuracy'])}), so the baseline stays the champion.")
     if not eligible:
         return (f"{objective} is unknown for every variant within {budget:g} accuracy points, so nothing can "
                 f"be shown to beat the baseline {base['variant']}; it stays the champion.")
-    return (f"the baseline {base['variant']} has the lowest {objective} ({base[objective]} {unit}) among the "
+    return (f"the baseline {base['variant']} has the lowest {objective} ({_g(base[objective])} {unit}) among the "
             f"{len(eligible)} Pareto-optimal variant(s) within {budget:g} accuracy points; no compressed "
             f"variant beats it.")
 
 
 def _signed_points(points: float) -> str:
-    return f"{points:+.2f} points"
+    return "no loss" if abs(points) < 0.005 else f"{points:+.2f} points"
+
+
+def _g(value) -> str:
+    """4 significant digits for the report (the exact figures stay in MLflow)."""
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
