@@ -52,7 +52,9 @@ def run_bare(config: str, out: Path) -> None:
     from wattflow.compress.quantize import backend_available
     from wattflow.config import QuantizeStep, load_config
     from wattflow.energy import make_meter
+    from wattflow.figures import comparison_csv, pareto_png
     from wattflow.report import summary_rows
+    from wattflow.select import exact_rows, select_champion
 
     cfg = load_config(config)
     ready = time.perf_counter()
@@ -72,6 +74,10 @@ def run_bare(config: str, out: Path) -> None:
         variants = [trained, *(v for v in list(outputs.values())[1:] if v is not None)]
         figures = [stages.evaluate_variant(cfg, v, run_dir / "deploy", make_meter(cfg.energy)) for v in variants]
     rows = summary_rows(variants, figures)
+    # The library half of selection, which the flow's select/ship tasks also do (the registry is tracking).
+    selection = select_champion(exact_rows(rows, figures), cfg.select.accuracy_budget_points, cfg.select.objective)
+    pareto_png(rows, selection, run_dir / "pareto.png")
+    comparison_csv(rows, selection, run_dir / "variants.csv")
     out.write_text(json.dumps({"stage_work_s": time.perf_counter() - started, "variants": len(rows),
                                "imports_s": ready - STARTED,
                                "in_process_s": time.perf_counter() - STARTED}))
@@ -113,12 +119,13 @@ def one_run(side: str, config: Path, tmp: Path, env: dict, i: int) -> dict:
 
 
 def workload(quick: bool, tmp: Path) -> dict:
-    """Full: the default recipe's chains and evaluation; quick: one chain, short training."""
+    """Full: the default recipe's chains and evaluation; quick: one chain, short training. The cache is off:
+    every flow run of a pair must do the work the bare run does, not reuse the previous pair's."""
+    common = {"work_dir": str(tmp / "artifacts"), "cache": {"enabled": False}}
     if not quick:  # the default recipe on 4x the train split (shifted copies), 75 epochs: a ~50 s bare run here
-        return {"work_dir": str(tmp / "artifacts"), "train": {"epochs": 75, "cpu_ranks": 2},
-                "data": {"augment_factor": 4}}
-    return {"work_dir": str(tmp / "artifacts"), "train": {"epochs": 5, "cpu_ranks": 2},
-            "chains": ["prune:0.8 -> onnx-int8-static"], "prune": {"fine_tune_epochs": 1}}
+        return {**common, "train": {"epochs": 75, "cpu_ranks": 2}, "data": {"augment_factor": 4}}
+    return {**common, "train": {"epochs": 5, "cpu_ranks": 2}, "chains": ["prune:0.8 -> onnx-int8-static"],
+            "prune": {"fine_tune_epochs": 1}}
 
 
 def warm_up(env: dict) -> None:
