@@ -27,6 +27,8 @@ PREFECT_PORT ?= 4200
 
 # make server / deploy / worker / stop (deployments/servers.sh; deployments/README.md explains each name).
 WATTFLOW_POOL    ?= gpu
+# make server binds loopback unless told otherwise (e.g. BIND_HOST=0.0.0.0 behind an authenticating proxy).
+BIND_HOST        ?= 127.0.0.1
 WORKER_NAME      ?= $(shell hostname)
 MLFLOW_ARTIFACTS ?= $(STATE)/mlartifacts
 # PREFECT_DB_URL (postgresql+asyncpg://...) and MLFLOW_DB_URL (postgresql://...): PostgreSQL instead of SQLite.
@@ -34,7 +36,7 @@ MLFLOW_ARTIFACTS ?= $(STATE)/mlartifacts
 # MLflow server unless MLFLOW_TRACKING_URI was set by you (not by the default above).
 SERVER_API := $(or $(PREFECT_API_URL),http://127.0.0.1:$(PREFECT_PORT)/api)
 WORKER_MLFLOW_URI := $(if $(filter file,$(origin MLFLOW_TRACKING_URI)),http://127.0.0.1:$(MLFLOW_PORT),$(MLFLOW_TRACKING_URI))
-SERVERS_SH = STATE="$(STATE)" VENV="$(CURDIR)/$(VENV)" PROJECT_DIR="$(CURDIR)" PREFECT_PORT=$(PREFECT_PORT) \
+SERVERS_SH = STATE="$(STATE)" VENV="$(CURDIR)/$(VENV)" BIND_HOST="$(BIND_HOST)" PROJECT_DIR="$(CURDIR)" PREFECT_PORT=$(PREFECT_PORT) \
 	MLFLOW_PORT=$(MLFLOW_PORT) WATTFLOW_POOL="$(WATTFLOW_POOL)" WORKER_NAME="$(WORKER_NAME)" \
 	MLFLOW_ARTIFACTS="$(MLFLOW_ARTIFACTS)" PREFECT_API_URL="$(SERVER_API)" WORKER_MLFLOW_URI="$(WORKER_MLFLOW_URI)" \
 	bash deployments/servers.sh

@@ -50,12 +50,20 @@ wait_healthy() {  # wait_healthy NAME URL: until URL answers 200, the process di
 
 start_server() {
   local prefect_db="${PREFECT_DB_URL:-}" mlflow_db="${MLFLOW_DB_URL:-sqlite:///$STATE/mlflow.db}"
-  if launch prefect-server env ${prefect_db:+PREFECT_API_DATABASE_CONNECTION_URL="$prefect_db"} \
-      "$BIN/prefect" server start --host 127.0.0.1 --port "$PREFECT_PORT"; then
+  local host="${BIND_HOST:-127.0.0.1}"
+  case "$host" in
+    127.0.0.1|localhost|::1) ;;
+    *) echo "WARNING: BIND_HOST=$host: both servers accept connections from the network, unauthenticated;" \
+            "put them behind a TLS and authenticating proxy" >&2 ;;
+  esac
+  # Database URLs travel in the environment, never on a command line (`ps` shows every argument to all users).
+  [ -n "$prefect_db" ] && export PREFECT_API_DATABASE_CONNECTION_URL="$prefect_db"
+  export MLFLOW_BACKEND_STORE_URI="$mlflow_db"
+  if launch prefect-server "$BIN/prefect" server start --host "$host" --port "$PREFECT_PORT"; then
     echo "Prefect server starting (database: $(mask "${prefect_db:-sqlite in $PREFECT_HOME}"))"
   fi
-  if launch mlflow-server "$BIN/mlflow" server --backend-store-uri "$mlflow_db" \
-      --artifacts-destination "$MLFLOW_ARTIFACTS" --host 127.0.0.1 --port "$MLFLOW_PORT" --workers 1; then
+  if launch mlflow-server "$BIN/mlflow" server \
+      --artifacts-destination "$MLFLOW_ARTIFACTS" --host "$host" --port "$MLFLOW_PORT" --workers 1; then
     echo "MLflow server starting (store: $(mask "$mlflow_db"), artifacts: $(mask "$MLFLOW_ARTIFACTS"))"
   fi
   wait_healthy prefect-server "$PREFECT_API/health"

@@ -20,6 +20,7 @@ port range inside the cluster's network. Which node gets global rank 0 is decide
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import json
 import os
 import socket
@@ -52,6 +53,13 @@ def node_record_path(out_dir: str | Path, node_rank: int) -> Path:
     return Path(out_dir) / f"node-{node_rank}.json"
 
 
+def first_node_on_host(endpoint: str, run_id: str) -> bool:
+    """Counts this job's nodes per host on the coordinator's store (the rendezvous store)."""
+    host, port = endpoint.rsplit(":", 1)
+    store = TCPStore(host, int(port), is_master=False, timeout=datetime.timedelta(seconds=60))
+    return store.add(f"wattflow/{run_id}/host/{socket.gethostname()}", 1) == 1
+
+
 @flow(name="wattflow-train-node")
 def train_node(config: PipelineConfig, nnodes: int, node_rank: int, endpoint: str, run_id: str, out_dir: str,
                hold_slot: bool = True) -> dict:
@@ -60,8 +68,11 @@ def train_node(config: PipelineConfig, nnodes: int, node_rank: int, endpoint: st
     logger = get_run_logger()
     meter = make_meter(config.energy)
     rendezvous = Rendezvous(nnodes=nnodes, node_rank=node_rank, endpoint=endpoint, run_id=run_id)
+    # Nodes sharing a host share its slots: only the first to arrive takes them, or they would wait for each
+    # other while the rendezvous waits for them all.
+    hold = hold_slot and first_node_on_host(endpoint, run_id)
     # Measured once per node around the launch: the counters are device-wide, never per rank.
-    with (measured_slot(logger.info) if hold_slot else nullcontext()), meter.window("train") as window:
+    with (measured_slot(logger.info) if hold else nullcontext()), meter.window("train") as window:
         out = launch_training(config, Path(out_dir) / f"node-{node_rank}", logger.info, rendezvous=rendezvous)
     record = {"node_rank": node_rank, "host": socket.gethostname(), "train": dataclasses.asdict(out),
               "energy": window.result.to_dict()}

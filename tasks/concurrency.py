@@ -4,26 +4,33 @@
         result = stages.train_stage(...)
 
 NVML energy counters and RAPL are device-global: two stages measured on the same GPU at once would each be
-charged for the other's work. So every measured stage holds Prefect global concurrency limits (limit 1):
-`gpu:<host>:<nvml index>` for each GPU this process may use (CUDA_VISIBLE_DEVICES, as CUDA resolves it), or
-`cpu:<host>` on a host without a visible GPU. NVML indices are physical (PCI order), so two workers pinned
-to different GPUs of one host do not block each other, and two pinned to the same GPU do.
+charged for the other's work. So every measured stage holds a slot per GPU this process may use,
+`gpu:<host>:<nvml index>` (CUDA_VISIBLE_DEVICES, as CUDA resolves it), or `cpu:<host>` on a host without a
+visible GPU. NVML indices are physical (PCI order), so two workers pinned to different GPUs of one host do not
+block each other, and two pinned to the same GPU do.
 
-Probed in Prefect 3.9.1: the server ignores `create_if_missing` (deprecated) and, without `strict`, a missing
-limit is silently not enforced; so the limits are created here when missing and acquired with strict=True.
-All names are acquired in one call (atomically), so a multi-GPU stage cannot deadlock with another.
+A slot is a kernel file lock on the host (released when its process dies) and, with a Prefect server, also a
+Prefect global concurrency limit (limit 1) leased to the holding task run. Probed in Prefect 3.9.1: the server
+ignores `create_if_missing` and, without `strict`, a missing limit is silently not enforced; so the limits are
+created here when missing and acquired with strict=True, all names in one call (no deadlock between
+multi-GPU stages).
 """
 
 from __future__ import annotations
 
+import fcntl
 import os
 import socket
+import tempfile
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
+from pathlib import Path
 
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
+from prefect.client.schemas.objects import ConcurrencyLeaseHolder
 from prefect.concurrency.sync import concurrency
+from prefect.context import FlowRunContext, TaskRunContext
 from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound
 
 from wattflow.energy.nvml import visible_indices
@@ -74,25 +81,60 @@ def ensure_limits(names: list[str], limit: int = SLOT_LIMIT) -> None:
                     pass  # another worker created it between our read and create
 
 
+def slot_dir() -> Path:
+    """Host-wide (not per checkout): every wattflow process on this host shares the same lock files."""
+    path = Path(os.environ.get("WATTFLOW_SLOT_DIR") or Path(tempfile.gettempdir()) / "wattflow-slots")
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+@contextmanager
+def host_locks(names: list[str]) -> Iterator[None]:
+    """Kernel file locks, one per slot, taken in sorted order (no deadlock between multi-GPU stages). The
+    kernel releases them when the process dies, so a killed stage never leaves a slot taken."""
+    with ExitStack() as stack:
+        for name in sorted(names):
+            handle = stack.enter_context(open(slot_dir() / f"{name.replace(':', '_').replace('/', '_')}.lock", "a+"))
+            fcntl.flock(handle, fcntl.LOCK_EX)
+            stack.callback(fcntl.flock, handle, fcntl.LOCK_UN)
+        yield
+
+
+def _holder() -> ConcurrencyLeaseHolder | None:
+    """Who holds a slot, for the Prefect UI's Concurrency page: the task run, else the flow run."""
+    task = TaskRunContext.get()
+    if task is not None:
+        return ConcurrencyLeaseHolder(type="task_run", id=task.task_run.id)
+    flow = FlowRunContext.get()
+    return ConcurrencyLeaseHolder(type="flow_run", id=flow.flow_run.id) if flow and flow.flow_run else None
+
+
 @contextmanager
 def measured_slot(log: Callable[[str], None] | None = None, *, names: list[str] | None = None,
                   timeout_s: float | None = None) -> Iterator[list[str]]:
     """Hold the measured-stage slots of this host's GPUs (or of the host) for the duration of the block.
 
-    Waits for slots held by other stages (forever, or `timeout_s` then `TimeoutError`). Yields the names held.
-    Needs a Prefect API (a flow run's, a server's, or prefect_test_harness's). Do not nest it, and do not
-    hold it around code that waits for another run needing the same slots (e.g. multi-node training on
-    one host): that would wait forever.
+    Always a kernel file lock per slot on this host (released if the process dies). With a Prefect server
+    configured (PREFECT_API_URL in the environment: `make server`, a worker), also the Prefect global
+    concurrency limit of the same name, leased to this task run, which the UI's Concurrency page shows and
+    whose lease the server expires should a holder vanish. Not with the local ephemeral server or the test
+    harness: they do not run the service that expires leases, so a killed stage would block every later run.
+    Waits for slots held by other stages (forever, or `timeout_s` for the Prefect limits, then TimeoutError).
+    Do not nest it, nor hold it around code that waits for another holder of the same slots.
     """
     why_no_gpu = ""
     if names is None:
         names, why_no_gpu = _host_slots(None, None)
-    ensure_limits(names)
     if log:
         log(f"waiting for measured-stage slot(s) {', '.join(names)}" + (f" ({why_no_gpu})" if why_no_gpu else ""))
-    # raise_on_lease_renewal_failure=False: a transient API error must not kill an hour of training.
-    with concurrency(names, occupy=1, timeout_seconds=timeout_s, lease_duration=LEASE_DURATION_S, strict=True,
-                     raise_on_lease_renewal_failure=False):
+    with ExitStack() as stack:
+        stack.enter_context(host_locks(names))
+        if os.environ.get("PREFECT_API_URL"):
+            ensure_limits(names)
+            # raise_on_lease_renewal_failure=False: a transient API error must not kill an hour of training.
+            stack.enter_context(concurrency(names, occupy=1, timeout_seconds=timeout_s,
+                                            lease_duration=LEASE_DURATION_S, strict=True, holder=_holder(),
+                                            raise_on_lease_renewal_failure=False))
         if log:
             log(f"holding {', '.join(names)}")
         yield names

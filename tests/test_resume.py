@@ -93,6 +93,9 @@ def test_a_rerun_after_a_failed_later_stage_reuses_the_trained_checkpoint(
     assert runs["train"].info.status == runs["prune-0.5"].info.status == "FINISHED"
     # The training energy is reported where it was spent: the first flow run produced the checkpoint.
     assert runs["train"].data.params["produced_by_flow_run"] != flow_run_id(mlflow_uri, result)
+    train_metrics = runs["train"].data.metrics
+    assert "energy_j" not in train_metrics and train_metrics["energy_reused_j"] > 0  # never counted twice
+    assert runs["train"].data.tags["energy.flags"] == "cached"
     assert next(r for r in result["rows"] if r["variant"] == "train")["stage_energy_flags"] == "cached"
     progress = asyncio.run(artifacts_of(flow_run_id(mlflow_uri, result)))["wattflow-training-progress"]
     assert progress.data == 100.0 and "cached" in progress.description
@@ -120,3 +123,15 @@ def test_the_cache_key_changes_with_what_changes_the_output():
     assert step_cache_key(cfg, planned, "a" * 64) != step_cache_key(cfg, planned, "b" * 64)
     assert step_cache_key(cfg, planned, "a" * 64) != step_cache_key(
         cfg.model_copy(update={"prune": cfg.prune.model_copy(update={"lr": 0.02})}), planned, "a" * 64)
+
+
+def test_new_data_at_the_same_path_is_new_data(tmp_path):
+    import numpy as np
+
+    path = tmp_path / "data.npz"
+    rng = np.random.default_rng(0)
+    np.savez(path, x=rng.random((60, 64), dtype=np.float32), y=np.repeat(np.arange(3), 20))
+    cfg = PipelineConfig.model_validate({"data": {"dataset": "npz", "path": str(path)}})
+    before = train_cache_key(cfg)
+    np.savez(path, x=rng.random((60, 64), dtype=np.float32), y=np.repeat(np.arange(3), 20))
+    assert train_cache_key(cfg) != before

@@ -181,3 +181,11 @@ def test_exact_rows_decide_what_rounding_would_tie():
     assert select_champion(exact).champion == "b"
     assert exact[1]["latency_b256_ms"] == "unknown" and exact[2]["latency_b256_ms"] == 1.0
     assert exact[0]["variant"] == "train" and exact[0]["chain"] == "train"
+
+
+def test_an_objective_off_the_front_axes_still_wins_within_budget():
+    # `a` dominates `b` on the four front axes, but `b` is 4x faster at batch 256, the chosen objective.
+    rows = [{**baseline(), "latency_b256_ms": 100.0}, row("a", 0.97, energy=0.01, deploy=10_000, b1=0.01, b256=40.0),
+            row("b", 0.97, energy=0.02, deploy=20_000, b1=0.02, b256=10.0)]
+    assert select_champion(rows, 0.5, "latency_b256_ms").champion == "b"
+    assert select_champion(rows, 0.5).champion == "a"

@@ -139,23 +139,44 @@ def torchrun_command(job_path: Path, nproc: int, *, max_restarts: int = 0,
             f"--max-restarts={max_restarts}", "-m", "wattflow.train", "--job", str(job_path)]
 
 
-def stop_process_group(proc: subprocess.Popen, grace_s: float = 10.0) -> None:
-    """SIGTERM the group (torchrun forwards it to its ranks), SIGKILL what is left after `grace_s`."""
+def rank_pids(out_dir: Path) -> list[int]:
+    """The ranks still alive among those that recorded their pid (rank-<r>.pid), checked by command line so
+    that a recycled pid is never signalled."""
+    alive = []
+    for pid_file in out_dir.glob("rank-*.pid"):
+        try:
+            pid = int(pid_file.read_text())
+            if b"wattflow.train" in Path(f"/proc/{pid}/cmdline").read_bytes():
+                alive.append(pid)
+        except (OSError, ValueError):
+            continue
+    return alive
+
+
+def stop_process_group(proc: subprocess.Popen, out_dir: Path | None = None, grace_s: float = 10.0) -> None:
+    """SIGTERM torchrun's group, SIGKILL it after `grace_s`; then SIGKILL any rank left (torchrun starts
+    each rank in a session of its own, so a torchrun killed before it forwards the signal orphans them)."""
     for sig in (signal.SIGTERM, signal.SIGKILL):
         try:
             os.killpg(proc.pid, sig)
         except ProcessLookupError:
-            return
+            break
         try:
             proc.wait(timeout=grace_s)
-            return
+            break
         except subprocess.TimeoutExpired:
             continue
+    for pid in rank_pids(out_dir) if out_dir else []:
+        try:
+            os.killpg(pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
 
 
 def clear_stale_outputs(out_dir: Path, resume: bool) -> None:
     """A fresh launch starts clean; resume=True keeps state.pt (and the progress lines it continues)."""
-    stale = [*out_dir.glob("rank-*.json"), out_dir / "metrics.json", out_dir / FATAL_FILE, out_dir / "model.pt"]
+    stale = [*out_dir.glob("rank-*.json"), *out_dir.glob("rank-*.pid"), out_dir / "metrics.json",
+             out_dir / FATAL_FILE, out_dir / "model.pt"]
     if not resume:
         stale += [out_dir / STATE_FILE, out_dir / "progress.jsonl"]
     for path in stale:
@@ -172,24 +193,33 @@ def loopback_gloo_env(rendezvous: Rendezvous | None) -> dict[str, str]:
 
 def run_torchrun(cmd: list[str], env: dict[str, str], cwd: Path, timeout_s: float,
                  log: Callable[[str], None]) -> tuple[int, list[str], bool]:
-    """(exit code, last 40 lines, timed out); streams every line to `log`."""
+    """(exit code, last 40 lines, timed out); streams every line to `log`.
+
+    The output is read in a thread and the wait is on torchrun itself: ranks that outlive torchrun would
+    otherwise hold the pipe open and the launch would never return. They are killed by their pid files."""
     tail: collections.deque[str] = collections.deque(maxlen=40)
-    # Own process group, so that a timeout stops torchrun and every rank it started.
+
+    def read(stream) -> None:
+        for line in stream:
+            line = line.rstrip()
+            tail.append(line)
+            log(line)
+
+    # Own process group, so that a timeout stops torchrun (and, through it, its ranks).
     with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
                           cwd=cwd, start_new_session=True) as proc:
         timed_out = threading.Event()
-        watchdog = threading.Timer(timeout_s, lambda: (timed_out.set(), stop_process_group(proc)))
+        watchdog = threading.Timer(timeout_s, lambda: (timed_out.set(), stop_process_group(proc, cwd)))
+        reader = threading.Thread(target=read, args=(proc.stdout,), name="torchrun-output", daemon=True)
         watchdog.start()
+        reader.start()
         try:
-            for line in proc.stdout:
-                line = line.rstrip()
-                tail.append(line)
-                log(line)
             proc.wait()
         finally:
             watchdog.cancel()
-            if proc.poll() is None:  # the caller was interrupted: leave no orphaned ranks
-                stop_process_group(proc)
+            # Interrupted, or torchrun gone with ranks left behind: leave no orphaned ranks.
+            stop_process_group(proc, cwd, grace_s=10.0 if proc.poll() is None else 0.0)
+            reader.join(timeout=10.0)
     return proc.returncode, list(tail), timed_out.is_set()
 
 

@@ -416,12 +416,27 @@ def record_stage(tracker: Tracker, parent_run_id: str, name: str, stage: str, wo
         tracker.set_tag(run_id, "wattflow.chain", " -> ".join(result.chain))
         tracker.log_params(run_id, result.params)
         tracker.log_metrics(run_id, {**result.metrics, "size_bytes": Path(result.artifact.path).stat().st_size})
-        tracker.log_energy(run_id, result.energy_result)
-        tracker.log_co2e(run_id, result.energy_result.energy_j, energy_cfg)
+        if getattr(result, "cached", False):
+            log_reused_energy(tracker, run_id, result, energy_cfg)
+        else:
+            tracker.log_energy(run_id, result.energy_result)
+            tracker.log_co2e(run_id, result.energy_result.energy_j, energy_cfg)
         tracker.set_tag(run_id, "artifact.sha256", result.artifact.sha256)
         if log_model:
             tracker.log_model(run_id, result.artifact.path, result.artifact.format)
     return result.model_copy(update={"mlflow_run_id": run_id})
+
+
+def log_reused_energy(tracker: Tracker, run_id: str, result, energy_cfg: EnergyConfig) -> None:
+    """A cached stage spent (almost) nothing in this flow run: its original cost is logged as *reused*, never
+    as this run's `energy_j`, so summing `energy_j` over runs counts every joule once."""
+    energy = result.energy_result
+    tracker.log_metrics(run_id, {"energy_reused_j": energy.energy_j,
+                                 "co2e_reused_g": co2e_g(energy.energy_j, energy_cfg.carbon_intensity_g_per_kwh,
+                                                         energy_cfg.pue)})
+    producer = result.params.get("produced_by_flow_run", "an earlier flow run")
+    tracker.set_tags(run_id, {"energy.method": energy.method, "energy.flags": "cached",
+                              "energy.scope": f"reused: spent by flow run {producer}, not this one"})
 
 
 def record_evaluation(tracker: Tracker, run_id: str, figures: dict[str, float | str]) -> None:

@@ -25,6 +25,7 @@ Fault injection, for tests and drills (both read from the ranks' environment):
 from __future__ import annotations
 
 import argparse
+import ctypes
 import json
 import math
 import os
@@ -132,6 +133,19 @@ def resume(out_dir: Path, key: str, model: nn.Module, optimizer, scheduler, devi
     return start_epoch, samples_seen
 
 
+def die_with_parent() -> None:
+    """SIGKILL this rank when torchrun dies (Linux): torchrun puts each rank in a session of its own, so a
+    torchrun killed outright would otherwise leave its ranks training (and holding a GPU) forever."""
+    parent = os.getppid()
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        return  # not Linux: the launcher still kills ranks by their pid files
+    if os.getppid() != parent:  # torchrun died before the death signal was armed
+        os._exit(1)
+
+
 def main(job_path: str) -> None:
     job = json.loads(Path(job_path).read_text())
     cfg = TrainConfig.model_validate(job["train"])
@@ -141,6 +155,8 @@ def main(job_path: str) -> None:
 
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     local_rank = int(os.environ["LOCAL_RANK"])
+    die_with_parent()
+    (out_dir / f"rank-{rank}.pid").write_text(str(os.getpid()))  # lets the launcher stop orphans
     restarts = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
     master_process = rank == 0
     if restarts > 0 and (out_dir / FATAL_FILE).exists():
