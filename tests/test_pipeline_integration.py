@@ -10,6 +10,7 @@ import mlflow
 import pytest
 from mlflow.tracking import MlflowClient
 from prefect.client.orchestration import get_client
+from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
 from prefect.testing.utilities import prefect_test_harness
 
 from flows.pipeline import pipeline
@@ -53,10 +54,14 @@ async def read_flow_run(flow_run_id: str):
     async with get_client() as client:
         run = await client.read_flow_run(uuid.UUID(flow_run_id))
         artifacts = await client.read_artifacts()
-    return run, artifacts
+        logs = await client.read_logs(LogFilter(flow_run_id=LogFilterFlowRunId(any_=[run.id])))
+    return run, artifacts, logs
 
 
-def test_pipeline_logs_the_mlflow_contract(prefect_server, mlflow_uri, tmp_path):
+def test_pipeline_logs_the_mlflow_contract(prefect_server, mlflow_uri, tmp_path, monkeypatch):
+    # Secrets in the environment must never reach the Prefect logs (the MLflow side: tests/test_security.py).
+    monkeypatch.setenv("MLFLOW_TRACKING_TOKEN", "s3cr3t-token-value")
+    monkeypatch.setenv("WATTFLOW_TEST_DB_URL", "postgresql://wattflow:pa55w0rd-value@db:5432/mlflow")
     result = pipeline(tiny_config(tmp_path))
 
     client = MlflowClient(mlflow_uri)
@@ -106,8 +111,10 @@ def test_pipeline_logs_the_mlflow_contract(prefect_server, mlflow_uri, tmp_path)
     assert by_name["prune-0.8"].data.metrics["nonzero_params"] < 0.3 * train["param_count"]
 
     # The Prefect side: the flow run the parent points at completed, and published its artifacts.
-    flow_run, artifacts = asyncio.run(read_flow_run(parent.data.tags["prefect.flow_run_id"]))
+    flow_run, artifacts, logs = asyncio.run(read_flow_run(parent.data.tags["prefect.flow_run_id"]))
     assert flow_run.state.is_completed()
+    assert len(logs) > 20 and any("epoch" in log.message for log in logs)  # rank 0's lines are there
+    assert not [log.message for log in logs if "s3cr3t-token-value" in log.message or "pa55w0rd" in log.message]
     mine = {a.key: a for a in artifacts if a.flow_run_id == flow_run.id}
     assert {"wattflow-variants", "wattflow-report", "wattflow-training-progress"} <= set(mine)
     assert "onnx-int8-static" in str(mine["wattflow-variants"].data)
