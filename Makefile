@@ -27,7 +27,7 @@ PREFECT_PORT ?= 4200
 
 # make server / deploy / worker / stop (deployments/servers.sh; deployments/README.md explains each name).
 WATTFLOW_POOL    ?= gpu
-# make server binds loopback unless told otherwise (e.g. BIND_HOST=0.0.0.0 behind an authenticating proxy).
+# make server binds loopback unless told otherwise (BIND_HOST=<an address of this host>, behind an authenticating proxy).
 BIND_HOST        ?= 127.0.0.1
 WORKER_NAME      ?= $(shell hostname)
 MLFLOW_ARTIFACTS ?= $(STATE)/mlartifacts

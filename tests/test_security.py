@@ -92,6 +92,10 @@ def test_makefile_servers_bind_to_loopback():
             value = default[1]
         assert value in ("127.0.0.1", "localhost", "::1"), f"a server binds to {host} ({value})"
     assert "0.0.0.0" not in makefile
+    # make server / make worker: deployments/servers.sh binds $BIND_HOST, whose default is loopback everywhere
+    assert re.search(r"^BIND_HOST\s*\?=\s*127\.0\.0\.1\s*$", makefile, re.MULTILINE)
+    servers_sh = (ROOT / "deployments" / "servers.sh").read_text()
+    assert '"${BIND_HOST:-127.0.0.1}"' in servers_sh and "--host \"$host\"" in servers_sh
 
 
 SECRET_TOKEN = "tok-s3cr3t-7f3a9"
