@@ -41,11 +41,12 @@ SERVERS_SH = STATE="$(STATE)" VENV="$(CURDIR)/$(VENV)" BIND_HOST="$(BIND_HOST)" 
 	MLFLOW_ARTIFACTS="$(MLFLOW_ARTIFACTS)" PREFECT_API_URL="$(SERVER_API)" WORKER_MLFLOW_URI="$(WORKER_MLFLOW_URI)" \
 	bash deployments/servers.sh
 
-.PHONY: help setup state run-flow test lint bench gpu-check mlflow-ui prefect-ui server deploy worker stop sync clean \
+.PHONY: help setup state example-data run-flow test lint bench gpu-check mlflow-ui prefect-ui server deploy worker stop sync clean \
 	distclean
 
 help:
 	@echo "make run-flow [CONFIG=recipe.yaml]  run the whole pipeline here (sets up .venv first)"
+	@echo "make example-data                   write examples/bring-your-own/images (RGB digits, no download)"
 	@echo "make test                           run the test suite"
 	@echo "make lint                           ruff"
 	@echo "make bench [BENCH=quick]            benchmarks -> bench/results/*.json + SUMMARY.md"
@@ -70,7 +71,14 @@ setup: $(VENV)/.installed
 state:
 	@mkdir -p $(STATE)
 
-run-flow: setup state
+# The example image folder (examples/bring-your-own/images) is written from scikit-learn's bundled digits.
+EXAMPLE_IMAGES := examples/bring-your-own/images
+$(EXAMPLE_IMAGES): | setup
+	$(PY) -m wattflow.datasets.sample_images $@ --mode RGB --size 32
+
+example-data: $(EXAMPLE_IMAGES)
+
+run-flow: setup state $(if $(and $(CONFIG),$(shell grep -l '$(EXAMPLE_IMAGES)' $(CONFIG) 2>/dev/null)),$(EXAMPLE_IMAGES))
 	@echo "MLflow store: $$MLFLOW_TRACKING_URI"
 	@echo "Prefect: $${PREFECT_API_URL:-local server, state in $$PREFECT_HOME}"
 	$(PY) -m flows.pipeline $(if $(CONFIG),--config "$(CONFIG)")

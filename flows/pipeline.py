@@ -28,12 +28,13 @@ from tasks.ship import select, ship
 from tasks.stages import compress, evaluate, train
 from wattflow.chains import plan
 from wattflow.config import ConfigError, PipelineConfig, load_config
-from wattflow.data import DataError, check_data
+from wattflow.data import DataError
 from wattflow.distributed import DeviceUnavailableError, check_device
 from wattflow.energy import make_meter
 from wattflow.preflight import ServiceUnreachable, preflight
 from wattflow.report import rich_table, summary_rows
 from wattflow.tracking import STAGE_TAG, Tracker, record_ratios
+from wattflow.workloads import WorkloadError, check_workload
 
 
 @flow(name="wattflow-pipeline", task_runner=ThreadPoolTaskRunner(max_workers=1))
@@ -45,7 +46,7 @@ def pipeline(config: PipelineConfig = PipelineConfig()) -> dict:  # noqa: B008 (
             the compression chains, evaluation, energy, cache and selection settings.
     """
     logger = get_run_logger()
-    check_data(config)  # a deployment's run skips main(): the same checks, before any work
+    workload = check_workload(config)  # a deployment's run skips main(): the same checks, before any work
     check_device(config)
     preflight(mlflow.get_tracking_uri(), None)
     run_dir = str(Path(config.work_dir).resolve() / str(flow_run.id))
@@ -61,6 +62,8 @@ def pipeline(config: PipelineConfig = PipelineConfig()) -> dict:  # noqa: B008 (
         logger.info("MLflow parent run %s; energy method: %s", parent, meter.method_summary)
         for note in meter.notes:
             logger.info("energy: %s", note)
+        for note in workload.splits.notes:
+            logger.warning("data: %s", note)
         with meter.window("pipeline") as total:
             trained = train(config, parent, run_dir)
             # Each step waits on its input's future, so chains sharing a prefix fan out from one result.
@@ -100,10 +103,10 @@ def main(argv: list[str] | None = None) -> int:
     console = Console(width=max(Console().width, 160))  # piped output would otherwise fold the table at 80
     try:  # everything that can be checked before any work starts, and fails in seconds
         config = load_config(args.config)
-        check_data(config)
+        check_workload(config)
         check_device(config)
         preflight(mlflow.get_tracking_uri(), os.environ.get("PREFECT_API_URL"))
-    except (ConfigError, DataError, DeviceUnavailableError, ServiceUnreachable) as err:
+    except (ConfigError, DataError, WorkloadError, DeviceUnavailableError, ServiceUnreachable) as err:
         console.print(f"[red]{err}[/red]", highlight=False)
         return 2
     with progress_bars(console):

@@ -18,6 +18,7 @@ from wattflow.registry import register_variants
 from wattflow.select import Selection, exact_rows, select_champion
 from wattflow.stages import StageResult
 from wattflow.tracking import Tracker
+from wattflow.workloads import workload_for
 
 REPORT_ARTIFACT_KEY = "wattflow-report"
 
@@ -42,14 +43,18 @@ def ship(cfg: PipelineConfig, parent_run_id: str, run_dir: str, experiment_id: s
          variants: list[StageResult], rows: list[dict], pipeline_energy: dict) -> dict[str, str]:
     """Register champion and baseline, and publish the plot, CSV and report. Returns alias -> version."""
     tracker = Tracker(journal_dir=run_dir)
+    workload = workload_for(cfg)
+    model_name = workload.registered_model_name
     if tracker.offline:  # the registry is not journaled: register after `wattflow.sync`, by hand
         get_run_logger().warning("MLflow is unreachable: the champion (%s) is not registered", selection.champion)
         aliases = {}
     else:
-        aliases = register_variants(tracker, selection, variants, rows, cfg.select.model_name, str(flow_run.id))
-    summary = {"model": cfg.train.model, "epochs": cfg.train.epochs, "chains": [" -> ".join(c.labels)
-               for c in cfg.chains], "select": cfg.select.model_dump(), "energy backend": cfg.energy.backend,
-               "registered": {alias: f"{cfg.select.model_name} v{v}" for alias, v in aliases.items()}}
+        aliases = register_variants(tracker, selection, variants, rows, model_name, str(flow_run.id))
+    summary = {"workload": workload.name, "data": workload.splits.identity.get("source"),
+               "model": cfg.train.model if isinstance(cfg.train.model, str) else cfg.train.model.factory,
+               "epochs": cfg.train.epochs, "chains": [" -> ".join(c.labels) for c in cfg.chains],
+               "select": cfg.select.model_dump(), "energy backend": cfg.energy.backend,
+               "registered": {alias: f"{model_name} v{v}" for alias, v in aliases.items()}}
     report = markdown_report(summary, rows, selection, [*(v.energy for v in variants), pipeline_energy],
                              mlflow_link(tracker, experiment_id, parent_run_id))
     selection_dir = Path(run_dir) / "selection"  # kept beside the checkpoints, whatever MLflow's state

@@ -27,6 +27,7 @@ from wattflow.models import sha256_file
 from wattflow.provenance import step_cache_key, train_cache_key
 from wattflow.stages import StageResult
 from wattflow.tracking import Tracker, record_evaluation, record_stage
+from wattflow.workloads import workload_for
 
 
 def result_storage(cfg: PipelineConfig) -> str | Path:
@@ -94,6 +95,7 @@ def train(cfg: PipelineConfig, parent_run_id: str, run_dir: str) -> StageResult:
                                     lambda: run_cached(train_model, cfg, out_dir), cfg.energy), run_dir)
     if result.cached:
         training_reused(str(result.params.get("produced_by_flow_run", "unknown")))
+    Tracker(journal_dir=run_dir).log_input(result.mlflow_run_id, workload_for(cfg).dataset_record("training"))
     return result
 
 

@@ -106,12 +106,15 @@ def test_a_bad_field_names_itself_and_its_allowed_range(section, kind, data, fie
     ({"chains": ["fp4"]}, "chains.0.steps.0.quantize.backend", "'onnx-int8-static'"),  # unknown backend
     ({"chains": ["prune:1.5"]}, "chains.0.steps.0.prune.sparsity", "less than 1"),
     ({"chains": "bf16"}, "chains", "valid list"),
-    ({"train": {"model": "resnet"}}, "train.model", "'mlp' or 'cnn'"),                # unknown model
-    ({"trian": {"epochs": 1}}, "trian", "check its spelling (allowed: experiment, work_dir, data, train"),
-    ({"train": {"epoch": 3}}, "train.epoch", "(allowed: model, mlp_hidden"),
+    ({"train": {"model": "vgg"}}, "train.model", "built-ins: cnn, mlp, resnet"),       # unknown model
+    ({"train": {"model": {"factory": "no colon"}}}, "train.model", "pattern"),         # not an import path
+    ({"trian": {"epochs": 1}}, "trian", "check its spelling (allowed: workload, experiment, work_dir, data, train"),
+    ({"train": {"epoch": 3}}, "train.epoch", "(allowed: model, model_kwargs"),
     ({"data": {"dataset": "npz"}}, "data", "needs data.path"),
-    ({"data": {"path": "x.npz"}}, "data", "set dataset: npz or remove path"),
-    ({"data": {"dataset": "imagenet"}}, "data.dataset", "'digits' or 'npz'"),
+    ({"data": {"dataset": "image-folder"}}, "data", "needs data.path"),
+    ({"data": {"path": "x.npz"}}, "data", "set one of those or remove path"),
+    ({"data": {"dataset": "imagenet"}}, "data.dataset", "'digits', 'npz' or 'image-folder'"),
+    ({"workload": "translation"}, "workload", "allowed: classification"),
 ])
 def test_unknown_names_and_inconsistent_fields_say_what_is_allowed(data, field, fragment):
     with pytest.raises(ConfigError) as err:
@@ -174,8 +177,8 @@ def bad_npz_cases():
         (not_npy_inside, "is not a readable .npz file", "numpy.savez"),
         (lambda t: write_npz(t / "keys.npz", labels=np.zeros(3)) and _drop_y(t / "keys.npz"), "lacks array(s) ['y']",
          "numpy.savez"),
-        (lambda t: write_npz(t / "shape.npz", x=np.zeros((120, 3, 8, 8), np.float32)), "x has shape [120, 3, 8, 8]",
-         "[N, 1, side, side]"),
+        (lambda t: write_npz(t / "shape.npz", x=np.zeros((120, 8, 8), np.float32)), "x has shape [120, 8, 8]",
+         "[N, C, H, W]"),
         (lambda t: write_npz(t / "ylen.npz", y=np.zeros(7, np.int64)), "y has shape [7] for 120 samples",
          "y: integer labels [N]"),
         (lambda t: write_npz(t / "yfloat.npz", y=np.zeros(120, np.float32)), "y has dtype float32",

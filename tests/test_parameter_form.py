@@ -29,7 +29,10 @@ def test_bounds_and_choices_render_as_limits_and_drop_downs():
     d = form()["definitions"]
     epochs = d["TrainConfig"]["properties"]["epochs"]
     assert (epochs["minimum"], epochs["maximum"]) == (1, 1000)
-    assert d["TrainConfig"]["properties"]["model"]["enum"] == ["mlp", "cnn"]
+    model = d["TrainConfig"]["properties"]["model"]  # a built-in's name or a factory by import path
+    assert {"string", "object"} <= {v.get("type", "object") for v in model["anyOf"]}
+    assert [v["enum"] for v in d["DataConfig"]["properties"]["dataset"]["anyOf"] if "enum" in v] == [
+        ["digits", "npz", "image-folder"]]
     assert "fake-nvml" in d["EnergyConfig"]["properties"]["backend"]["enum"]
     assert d["TrainConfig"]["properties"]["lr"]["exclusiveMinimum"] == 0.0
 

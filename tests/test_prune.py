@@ -50,7 +50,8 @@ def test_gradual_unstructured_reaches_target_with_plain_weights(trained, tmp_pat
     state = torch.load(out.checkpoint, weights_only=True)["state_dict"]
     assert not any(k.endswith(("_orig", "_mask")) for k in state)
     model, _, meta = load_checkpoint(out.checkpoint, out.sha256)
-    achieved, per_layer = weight_sparsity(model)
+    assert not (model.head[3].weight == 0).any()  # the classifier head is kept by default (traced, not guessed)
+    achieved, per_layer = weight_sparsity(model, kept=[model.head[3]])
     assert achieved == pytest.approx(out.sparsity) and per_layer == out.layer_sparsity
     assert meta["pruned_sparsity"] == pytest.approx(out.sparsity)
     # zeros do not shrink the dense model: same parameter count, no smaller file
@@ -60,11 +61,21 @@ def test_gradual_unstructured_reaches_target_with_plain_weights(trained, tmp_pat
     assert accuracy(model, splits.test) > 0.9
 
 
+def test_keep_names_the_layers_never_pruned(trained, tmp_path):
+    path, _ = trained["cnn"]
+    everything = prune_checkpoint(path, tmp_path / "a.pt", 0.5, load_splits().train, 0, 0.01, keep=())
+    assert "head.3.weight" in everything.layer_sparsity
+    spared = prune_checkpoint(path, tmp_path / "b.pt", 0.5, load_splits().train, 0, 0.01, keep=("features.0",))
+    assert set(spared.layer_sparsity) == {"features.2.weight", "head.1.weight", "head.3.weight"}
+    with pytest.raises(ValueError, match="not in the model"):
+        prune_checkpoint(path, tmp_path / "c.pt", 0.5, load_splits().train, 0, 0.01, keep=("nope",))
+
+
 def test_unstructured_prunes_only_the_selected_layer_types(trained, tmp_path):
     path, _ = trained["cnn"]
     out = prune_checkpoint(path, tmp_path / "p.pt", 0.7, load_splits().train, 1, 0.01, method="unstructured",
                            schedule_steps=2, layer_types=("linear",))
-    assert set(out.layer_sparsity) == {"head.1.weight", "head.3.weight"}
+    assert set(out.layer_sparsity) == {"head.1.weight"}  # head.3, the classifier, is kept
     assert out.sparsity == pytest.approx(0.7, abs=0.005)
     model, _, _ = load_checkpoint(out.checkpoint)
     assert weight_sparsity(model, ("conv",))[0] < 0.01  # conv weights were left dense

@@ -3,6 +3,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from pydantic import ValidationError
 
+from wattflow.config import PipelineConfig
 from wattflow.select import (
     SelectConfig,
     comparison_names,
@@ -10,6 +11,7 @@ from wattflow.select import (
     pareto_front,
     select_champion,
 )
+from wattflow.workloads import workload_for
 
 U = "unknown"
 
@@ -157,8 +159,9 @@ def test_bad_inputs_name_the_cause():
 
 def test_select_config_bounds_and_defaults():
     cfg = SelectConfig()
-    assert (cfg.model_name, cfg.accuracy_budget_points, cfg.objective) == (
-        "wattflow-digits", 0.5, "energy_per_1k_inferences_j")
+    assert (cfg.model_name, cfg.accuracy_budget_points, cfg.objective) == (None, 0.5, "energy_per_1k_inferences_j")
+    # unset, the name comes from the workload's data: one registered model per dataset
+    assert workload_for(PipelineConfig()).registered_model_name == "wattflow-digits"
     for bad in ({"accuracy_budget_points": 101}, {"objective": "co2"}, {"model_nme": "x"}):
         with pytest.raises(ValidationError):
             SelectConfig(**bad)

@@ -7,10 +7,11 @@ their descriptions and bounds) as the run form. Recipes are YAML files of the sa
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import (
+    AfterValidator,
     BaseModel,
     ConfigDict,
     Field,
@@ -32,41 +33,84 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+class FactoryRef(_Section):
+    """Your own code, by import path: a function called with `kwargs` (your directory on PYTHONPATH, or named
+    as `path`). Importing it runs your code, by design; loading a checkpoint never does."""
+
+    factory: str = Field(min_length=3, max_length=300, pattern=r"^[A-Za-z_][\w.]*:[A-Za-z_][\w.]*$",
+                         description="'package.module:function'.")
+    kwargs: dict[str, Any] = Field({}, description="Keyword arguments of the factory (JSON values).")
+    path: str | None = Field(None, min_length=1, max_length=4096,
+                             description="A directory (or a .py file in it) put first on sys.path to import from.")
+
+
+DATA_FORMATS = ("digits", "npz", "image-folder")
+
+
 class DataConfig(_Section):
-    dataset: Literal["digits", "npz"] = Field(
-        "digits", description="digits: scikit-learn's bundled 8x8 digits; npz: your own samples in the file "
-        "`path`.")
+    dataset: Literal["digits", "npz", "image-folder"] | FactoryRef = Field(
+        "digits", description="digits: scikit-learn's bundled 8x8 digits; npz: your samples in the .npz `path`; "
+        "image-folder: `path`/<class>/<image> PNG or JPEG files; or {factory: 'pkg.module:fn', kwargs: {...}} "
+        "returning your torch Datasets (train, val, test) or one Dataset that wattflow splits, stratified.")
     path: str | None = Field(
         None, min_length=1, max_length=4096,
-        description="With dataset npz: a .npz file holding float32 `x` [N, features] or [N, 1, side, side] and "
-        "integer class labels `y` [N] (0..classes-1). Checked before training (wattflow.data.check_data).")
+        description="With npz: a .npz file holding float `x` [N, features] or [N, C, H, W] and integer class "
+        "labels `y` [N] (0..classes-1). With image-folder: the root folder of one sub-folder per class. Checked "
+        "before training (wattflow.data.check_data).")
+    image_size: int = Field(32, ge=4, le=1024, description="image-folder: images are resized to this square size.")
+    num_workers: int = Field(0, ge=0, le=64, description="DataLoader worker processes per rank (0: read in the "
+                             "rank itself).")
     val_fraction: float = Field(0.15, gt=0.0, lt=0.5, description="Share of samples held out for validation.")
     test_fraction: float = Field(0.2, gt=0.0, lt=0.5, description="Share of samples held out for the test.")
     seed: int = Field(0, ge=0, le=2**31 - 1, description="Seed of the stratified split.")
     augment_factor: int = Field(1, ge=1, le=64, description="Grow the train split to this many times its size "
-                                "with deterministic shifted copies of its images (val and test untouched).")
+                                "with deterministic shifted copies of its 8x8 images (val and test untouched).")
 
     @model_validator(mode="after")
-    def _path_goes_with_npz(self) -> DataConfig:
-        # The file itself is checked by wattflow.data.check_data: the config may be validated on a machine
+    def _path_goes_with_files(self) -> DataConfig:
+        # The files themselves are checked by wattflow.data.check_data: the config may be validated on a machine
         # (the Prefect UI, a scheduler) that does not hold the data.
-        if self.dataset == "npz" and self.path is None:
-            raise ValueError("dataset npz needs data.path: the .npz file with arrays x and y")
-        if self.dataset != "npz" and self.path is not None:
-            raise ValueError(f"data.path is only read with dataset npz (dataset is {self.dataset!r}): "
-                             "set dataset: npz or remove path")
+        needs_path = self.dataset in ("npz", "image-folder")
+        if needs_path and self.path is None:
+            what = "the .npz file with arrays x and y" if self.dataset == "npz" else "the folder of class folders"
+            raise ValueError(f"dataset {self.dataset} needs data.path: {what}")
+        if not needs_path and self.path is not None:
+            raise ValueError(f"data.path is only read with dataset npz or image-folder (dataset is "
+                             f"{self.dataset!r}): set one of those or remove path")
         return self
 
 
+def _registered_model(v: str | FactoryRef) -> str | FactoryRef:
+    if isinstance(v, str):
+        from wattflow.zoo import MODELS  # the registry of built-ins (each registers itself)
+
+        if v not in MODELS:
+            raise ValueError(f"unknown model {v!r}; built-ins: {', '.join(MODELS.names())}, or "
+                             "{factory: 'package.module:function', kwargs: {...}} for your own")
+    return v
+
+
+ModelRef = Annotated[str | FactoryRef, AfterValidator(_registered_model)]
+
+
 class TrainConfig(_Section):
-    model: Literal["mlp", "cnn"] = Field("cnn", description="Architecture from the model zoo.")
+    model: ModelRef = Field(
+        "cnn", description="A built-in (mlp, cnn, resnet: wattflow.zoo) or your own model: {factory: "
+        "'package.module:function', kwargs: {...}} returning a torch.nn.Module that maps a batch of samples to "
+        "class scores [N, classes].")
+    model_kwargs: dict[str, Any] = Field({}, description="Keyword arguments of a built-in model (e.g. resnet: "
+                                         "{depth: 20, width: 16}); they override mlp_hidden / cnn_*.")
+    optimizer: Literal["sgd", "adamw"] = Field("sgd", description="sgd: Nesterov momentum 0.9; adamw: AdamW "
+                                               "(betas 0.9, 0.999).")
+    keep_layers: list[str] | None = Field(None, description="Names of layers (modules) pruning never touches; "
+                                          "default: the classifier head, found by tracing the model's output.")
     mlp_hidden: list[int] = Field([128, 64], min_length=1, max_length=8,
                                   description="MLP hidden widths (LeNet-300-100 shape: [300, 100]).")
     cnn_channels: list[int] = Field([16, 32], min_length=1, max_length=4, description="CNN conv channels.")
     cnn_hidden: int = Field(64, ge=1, le=4096, description="CNN head width.")
     epochs: int = Field(20, ge=1, le=1000, description="Training epochs.")
     batch_size: int = Field(32, ge=1, le=65536, description="Samples per rank per step.")
-    lr: float = Field(0.05, gt=0.0, le=10.0, description="Peak learning rate (SGD, Nesterov momentum 0.9).")
+    lr: float = Field(0.05, gt=0.0, le=10.0, description="Peak learning rate.")
     weight_decay: float = Field(5e-4, ge=0.0, le=1.0, description="L2 weight decay.")
     warmup_epochs: float = Field(1.0, ge=0.0, le=100.0, description="Linear LR warm-up, then cosine decay.")
     cpu_ranks: int = Field(2, ge=1, le=64, description="Gloo ranks on a machine without a GPU.")
@@ -112,7 +156,8 @@ class QuantizeConfig(_Section):
 class DistillConfig(_Section):
     """Defaults for every distill step: teacher (the step's input) -> a smaller student."""
 
-    student_model: Literal["mlp", "cnn"] = Field("mlp", description="Student architecture.")
+    student_model: ModelRef = Field("mlp", description="Student: a built-in name or {factory: ..., kwargs: ...}.")
+    student_model_kwargs: dict[str, Any] = Field({}, description="Keyword arguments of a built-in student.")
     student_mlp_hidden: list[int] = Field([64, 32], min_length=1, max_length=8, description="Student MLP widths.")
     student_cnn_channels: list[int] = Field([8, 16], min_length=1, max_length=4, description="Student CNN channels.")
     student_cnn_hidden: int = Field(32, ge=1, le=4096, description="Student CNN head width.")
@@ -280,8 +325,9 @@ Objective = Literal["energy_per_1k_inferences_j", "deployable_bytes", "latency_b
 class SelectConfig(_Section):
     """How the champion is chosen and where it is registered."""
 
-    model_name: str = Field("wattflow-digits", min_length=1, max_length=200,
-                            description="MLflow Model Registry name for the champion and baseline versions.")
+    model_name: str | None = Field(None, min_length=1, max_length=200,
+                                   description="MLflow Model Registry name for the champion and baseline versions; "
+                                   "default: wattflow-<dataset name> (wattflow-digits for the bundled digits).")
     accuracy_budget_points: float = Field(
         0.5, ge=0.0, le=100.0, description="Largest accuracy loss allowed vs the trained model, in absolute "
         "percentage points (0.5 = 0.005 in accuracy fraction: 97.2% -> at least 96.7%).")
@@ -289,7 +335,18 @@ class SelectConfig(_Section):
                                  description="What the champion minimises among the variants within budget.")
 
 
+def _registered_workload(v: str) -> str:
+    from wattflow.workloads import WORKLOADS  # the registry (each workload registers itself)
+
+    if v not in WORKLOADS:
+        raise ValueError(f"unknown workload {v!r}; allowed: {', '.join(WORKLOADS.names())}")
+    return v
+
+
 class PipelineConfig(_Section):
+    workload: Annotated[str, AfterValidator(_registered_workload)] = Field(
+        "classification", min_length=1, max_length=100,
+        description="What kind of task the model solves (wattflow.workloads): classification.")
     experiment: str = Field("wattflow", min_length=1, max_length=200, description="MLflow experiment name.")
     work_dir: str = Field(".wattflow/artifacts", min_length=1,
                           description="Where checkpoints and exported models are written.")

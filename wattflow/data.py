@@ -1,7 +1,15 @@
-"""Datasets. The default is scikit-learn's bundled 8x8 digits (1,797 images, shipped inside the
-package: nothing is downloaded). `dataset: npz` reads your own samples from a .npz file (`x`: float32
-[N, features] or [N, 1, side, side]; `y`: integer labels [N]). Splits are stratified and deterministic
-for a given seed. A bad file fails with `DataError` (cause and fix) before training starts.
+"""Datasets: every format is an entry of `DATASETS` that turns a `DataConfig` into `Splits` — train, val and
+test `torch.utils.data.Dataset`s plus what the model needs to know (sample shape and dtype, classes, the
+preprocessing to record with the model, and an identity for lineage). Stages read them through `DataLoader`s
+(`loader`), batch by batch.
+
+- `digits` (default): scikit-learn's bundled 8x8 digits (1,797 images, shipped inside the package: nothing is
+  downloaded), flat [64] rows in [0, 1];
+- `npz`: your own samples in a .npz file (`x`: float [N, features] or [N, C, H, W]; `y`: integer labels [N]);
+- `image-folder` (wattflow/datasets/image_folder.py): `root/<class>/<image>` PNG/JPEG, read lazily;
+- a factory by import path (wattflow/datasets/factory.py) returning your own Datasets.
+Splits are stratified and deterministic for a given seed. A bad file fails with `DataError` (cause and fix)
+before training starts.
 
 `augment_factor` > 1 grows the TRAIN split only to factor x its size with deterministic shifted copies
 of its 8x8 images (copy 0: the originals; copies 1-8: every image moved one pixel in each of the 8
@@ -10,42 +18,89 @@ Vacated pixels are 0 (the digits' blank background); labels are the originals'."
 
 from __future__ import annotations
 
+import hashlib
+import math
 import os
 import zipfile
-from dataclasses import dataclass
+from collections.abc import Iterator
+from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
+from typing import Any
 
 import numpy as np
+import torch
 from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
+from torch.utils.data import DataLoader, Dataset
 
 from wattflow.config import DataConfig, PipelineConfig
+from wattflow.plugins import Registry
 
 
 class DataError(ValueError):
     """A dataset that cannot be used; the message names the file, the cause and the fix."""
 
 
-@dataclass(frozen=True)
-class Split:
-    x: np.ndarray  # float32 [N, features], scaled to [0, 1]
+@dataclass(frozen=True, eq=False)
+class Split(Dataset):
+    """Samples held in memory (the bundled digits, a .npz): a Dataset like any other."""
+
+    x: np.ndarray  # float32 [N, *sample shape]
     y: np.ndarray  # int64 [N]
 
+    def __len__(self) -> int:
+        return len(self.y)
 
-@dataclass(frozen=True)
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return torch.from_numpy(self.x[i]), torch.as_tensor(self.y[i])
+
+
+@dataclass(frozen=True, eq=False)
 class Splits:
-    train: Split
-    val: Split
-    test: Split
+    train: Dataset
+    val: Dataset
+    test: Dataset
+    num_classes: int
+    input_shape: tuple[int, ...]     # one sample's shape
+    input_dtype: str = "float32"
+    # Recorded with the model, so that deployment applies the same preprocessing (image size, mode, mean, std).
+    preprocessing: dict[str, Any] = field(default_factory=dict)
+    # For lineage (MLflow's dataset tracking) and cache keys: name, source, digest (content hash).
+    identity: dict[str, str] = field(default_factory=dict)
+    notes: tuple[str, ...] = ()      # what was done to the data that its owner should know (conversions)
 
     @property
     def in_features(self) -> int:
-        return int(self.train.x.shape[1])
+        return math.prod(self.input_shape)
 
-    @property
-    def num_classes(self) -> int:
-        return int(self.train.y.max()) + 1
+
+def loader(dataset: Dataset, batch_size: int, *, shuffle: bool = False, seed: int = 0, num_workers: int = 0,
+           sampler=None) -> DataLoader:
+    """The one way stages read data: batches, never the whole split at once."""
+    generator = torch.Generator().manual_seed(seed) if shuffle else None
+    return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle and sampler is None, generator=generator,
+                      sampler=sampler, num_workers=num_workers, persistent_workers=False)
+
+
+def batches(dataset: Dataset, batch_size: int = 256, num_workers: int = 0) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """(x, y) numpy batches in order: what predictors (torch, ONNX Runtime) take."""
+    for xb, yb in loader(dataset, batch_size, num_workers=num_workers):
+        yield xb.numpy(), yb.numpy()
+
+
+def first_samples(dataset: Dataset, n: int) -> np.ndarray:
+    """The inputs of the first `n` samples (or all, when fewer): calibration and timing batches."""
+    parts, have = [], 0
+    for xb, _ in batches(dataset, min(n, 256)):
+        parts.append(xb[: n - have])
+        have += len(parts[-1])
+        if have >= n:
+            break
+    return np.concatenate(parts)
+
+
+DATASETS: Registry = Registry("dataset format")
 
 
 SIDE = 8  # digits are 8x8
@@ -63,6 +118,8 @@ def shift_images(x: np.ndarray, dy: int, dx: int) -> np.ndarray:
 
 
 def augment(split: Split, factor: int, seed: int) -> Split:
+    if factor == 1:
+        return split
     """`factor` copies of `split` concatenated: the originals first, then shifted copies (see module doc)."""
     copies = [split.x]
     rng = np.random.default_rng(seed)
@@ -78,7 +135,7 @@ def augment(split: Split, factor: int, seed: int) -> Split:
     return Split(np.concatenate(copies), np.tile(split.y, factor))
 
 
-NPZ_FORMAT = "x: float32 [N, features] or [N, 1, side, side]; y: integer labels [N] in 0..classes-1"
+NPZ_FORMAT = "x: float32 [N, features] or [N, C, H, W]; y: integer labels [N] in 0..classes-1"
 
 
 def read_npz(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
@@ -107,9 +164,7 @@ def read_npz(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _checked_arrays(path: Path, x: np.ndarray, y: np.ndarray, fix: str) -> tuple[np.ndarray, np.ndarray]:
-    if x.ndim == 4 and x.shape[1] == 1 and x.shape[2] == x.shape[3]:
-        x = x.reshape(len(x), -1)  # one-channel square images: the CNN reshapes the flat rows back
-    if x.ndim != 2 or x.shape[1] < 1:
+    if x.ndim not in (2, 4) or x.shape[1] < 1:
         raise DataError(f"data.path {path}: x has shape {list(x.shape)}; {fix}")
     if y.ndim != 1 or len(y) != len(x):
         raise DataError(f"data.path {path}: y has shape {list(y.shape)} for {len(x)} samples of x; {fix}")
@@ -135,70 +190,106 @@ def check_class_counts(y: np.ndarray, where: str) -> None:
                         "(class: samples); each class needs at least 3 — add samples or drop those classes")
 
 
-def _raw_samples(dataset: str, path: str | None) -> tuple[np.ndarray, np.ndarray]:
-    if dataset == "digits":
-        bunch = load_digits()
-        return (bunch.data / 16.0).astype(np.float32), bunch.target.astype(np.int64)  # intensities are 0..16
-    if dataset == "npz":
-        if path is None:
-            raise DataError("dataset npz needs data.path: the .npz file with arrays x and y")
-        return read_npz(path)
-    raise DataError(f"unknown dataset {dataset!r}; allowed: digits, npz")
-
-
-def _split(x: np.ndarray, y: np.ndarray, val_fraction: float, test_fraction: float, seed: int, where: str):
+def stratified_indices(y: np.ndarray, val_fraction: float, test_fraction: float, seed: int, where: str
+                       ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Indices of the train, val and test samples: stratified by label, deterministic for a seed."""
     check_class_counts(y, where)
+    idx = np.arange(len(y))
     try:
-        x_rest, x_test, y_rest, y_test = train_test_split(
-            x, y, test_size=test_fraction, stratify=y, random_state=seed)
-        x_train, x_val, y_train, y_val = train_test_split(
-            x_rest, y_rest, test_size=val_fraction / (1.0 - test_fraction), stratify=y_rest, random_state=seed)
+        rest, test = train_test_split(idx, test_size=test_fraction, stratify=y, random_state=seed)
+        train, val = train_test_split(rest, test_size=val_fraction / (1.0 - test_fraction), stratify=y[rest],
+                                      random_state=seed)
     except ValueError as err:  # sklearn: a split too small to hold every class
         raise DataError(f"{where}: cannot split {len(y)} samples of {len(np.unique(y))} classes into "
                         f"val_fraction={val_fraction} and test_fraction={test_fraction} with every class in each "
                         f"split ({err}); add samples or raise the fractions") from None
-    return Split(x_train, y_train), Split(x_val, y_val), Split(x_test, y_test)
+    return train, val, test
+
+
+def array_digest(*arrays: np.ndarray) -> str:
+    h = hashlib.sha256()
+    for a in arrays:
+        h.update(str((a.dtype, a.shape)).encode())
+        h.update(np.ascontiguousarray(a).tobytes())
+    return h.hexdigest()
+
+
+def in_memory_splits(x: np.ndarray, y: np.ndarray, data: DataConfig, identity: dict[str, str]) -> Splits:
+    """Splits of samples held in memory (x [N, *shape], y [N]), the train split optionally augmented."""
+    if data.augment_factor > 1 and math.prod(x.shape[1:]) != SIDE * SIDE:
+        raise DataError(f"data.augment_factor={data.augment_factor} shifts 8x8 images, but the samples have shape "
+                        f"{list(x.shape[1:])}; set augment_factor: 1")
+    train, val, test = stratified_indices(y, data.val_fraction, data.test_fraction, data.seed,
+                                          data.path or identity["name"])
+    return Splits(augment(Split(x[train], y[train]), data.augment_factor, data.seed), Split(x[val], y[val]),
+                  Split(x[test], y[test]), num_classes=int(y.max()) + 1, input_shape=tuple(x.shape[1:]),
+                  identity=identity)
+
+
+@DATASETS.register("digits")
+def digits(data: DataConfig) -> Splits:
+    bunch = load_digits()
+    x, y = (bunch.data / 16.0).astype(np.float32), bunch.target.astype(np.int64)  # intensities are 0..16
+    return in_memory_splits(x, y, data, {"name": "digits", "source": "sklearn.datasets.load_digits",
+                                         "digest": array_digest(x, y)[:16]})
+
+
+@DATASETS.register("npz")
+def npz(data: DataConfig) -> Splits:
+    if data.path is None:
+        raise DataError("dataset npz needs data.path: the .npz file with arrays x and y")
+    x, y = read_npz(data.path)
+    return in_memory_splits(x, y, data, {"name": Path(data.path).stem, "source": str(Path(data.path).resolve()),
+                                         "digest": array_digest(x, y)[:16]})
+
+
+def format_of(data: DataConfig) -> str:
+    return data.dataset if isinstance(data.dataset, str) else "factory"
 
 
 @lru_cache(maxsize=8)
-def _cached_splits(dataset: str, val_fraction: float, test_fraction: float, seed: int, augment_factor: int,
-                   path: str | None, file_stamp: tuple | None) -> Splits:
+def _cached_splits(data_json: str, file_stamp: tuple | None) -> Splits:
     del file_stamp  # only part of the cache key: a rewritten file is read again
-    return _build_splits(dataset, val_fraction, test_fraction, seed, augment_factor, path)
+    data = DataConfig.model_validate_json(data_json)
+    return DATASETS.get(format_of(data))(data)
 
 
-def _build_splits(dataset: str = "digits", val_fraction: float = 0.15, test_fraction: float = 0.2,
-                  seed: int = 0, augment_factor: int = 1, path: str | None = None) -> Splits:
-    if not 1 <= augment_factor <= 64:
-        raise ValueError(f"augment_factor must be in [1, 64]; got {augment_factor}")
-    x, y = _raw_samples(dataset, path)
-    if augment_factor > 1 and x.shape[1] != SIDE * SIDE:
-        raise DataError(f"data.augment_factor={augment_factor} shifts 8x8 images, but the samples have "
-                        f"{x.shape[1]} features; set augment_factor: 1")
-    train, val, test = _split(x, y, val_fraction, test_fraction, seed, path or dataset)
-    return Splits(augment(train, augment_factor, seed), val, test)
+def _stamp(path: str | None) -> tuple | None:
+    if path is None or not Path(path).exists():
+        return None
+    st = Path(path).stat()
+    return (st.st_size, st.st_mtime_ns)
+
+
+def splits_for(data: DataConfig) -> Splits:
+    """The splits a `DataConfig` describes; cached per configuration (and, for a file, its size and time)."""
+    return _cached_splits(data.model_dump_json(), _stamp(data.path))
 
 
 def load_splits(dataset: str = "digits", val_fraction: float = 0.15, test_fraction: float = 0.2,
                 seed: int = 0, augment_factor: int = 1, path: str | None = None) -> Splits:
-    """Cached per arguments (and, for a file, its size and modification time)."""
-    stamp = None
-    if path is not None and Path(path).is_file():
-        st = Path(path).stat()
-        stamp = (st.st_size, st.st_mtime_ns)
-    return _cached_splits(dataset, val_fraction, test_fraction, seed, augment_factor, path, stamp)
+    """The splits of a built-in format, by its settings (cached)."""
+    return splits_for(DataConfig(dataset=dataset, val_fraction=val_fraction, test_fraction=test_fraction,
+                                 seed=seed, augment_factor=augment_factor, path=path))
 
 
-load_splits.__wrapped__ = _build_splits  # uncached, like functools' wrappers expose
+def _uncached(dataset: str = "digits", val_fraction: float = 0.15, test_fraction: float = 0.2, seed: int = 0,
+              augment_factor: int = 1, path: str | None = None) -> Splits:
+    if not 1 <= augment_factor <= 64:
+        raise ValueError(f"augment_factor must be in [1, 64]; got {augment_factor}")
+    data = DataConfig.model_construct(dataset=dataset, val_fraction=val_fraction, test_fraction=test_fraction,
+                                      seed=seed, augment_factor=augment_factor, path=path, image_size=32,
+                                      num_workers=0)
+    return DATASETS.get(format_of(data))(data)
 
 
-def splits_for(data: DataConfig) -> Splits:
-    """The splits a `DataConfig` describes (cached by load_splits)."""
-    return load_splits(data.dataset, data.val_fraction, data.test_fraction, data.seed, data.augment_factor,
-                       data.path)
+load_splits.__wrapped__ = _uncached  # uncached, like functools' wrappers expose
 
 
 def check_data(cfg: PipelineConfig | DataConfig) -> Splits:
     """Load and split the configured data now, so a missing, empty or malformed file fails with a DataError
     before any training starts (then cached for the stages)."""
     return splits_for(cfg.data if isinstance(cfg, PipelineConfig) else cfg)
+
+
+from wattflow import datasets  # noqa: E402,F401  (registers image-folder and factory)

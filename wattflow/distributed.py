@@ -23,8 +23,8 @@ from pathlib import Path
 import torch
 
 from wattflow.config import PipelineConfig
-from wattflow.data import splits_for
-from wattflow.models import default_spec, sha256_file
+from wattflow.models import sha256_file
+from wattflow.workloads import workload_for
 
 
 class TrainingError(RuntimeError):
@@ -233,11 +233,8 @@ def launch_training(cfg: PipelineConfig, out_dir: str | Path, log: Callable[[str
         parse_fault(switch)
     out_dir.mkdir(parents=True, exist_ok=True)
     clear_stale_outputs(out_dir, resume)
-    splits = splits_for(cfg.data)
-    spec = default_spec(cfg.train.model, splits.in_features, splits.num_classes, mlp_hidden=cfg.train.mlp_hidden,
-                        cnn_channels=cfg.train.cnn_channels, cnn_hidden=cfg.train.cnn_hidden)
-    job = {"train": cfg.train.model_dump(mode="json"), "data": cfg.data.model_dump(mode="json"),
-           "out_dir": str(out_dir), "device": device, "spec": spec}
+    job = {"config": cfg.model_dump(mode="json"), "out_dir": str(out_dir), "device": device,
+           "spec": workload_for(cfg).model_spec()}
     job_path = out_dir / "job.json"
     job_path.write_text(json.dumps(job, indent=2))
 

@@ -21,9 +21,9 @@ import numpy as np
 import torch
 
 from wattflow.compress.pack import load_packed, read_packed
-from wattflow.models import load_checkpoint
+from wattflow.models import input_signature, load_checkpoint
 
-Predictor = Callable[[np.ndarray], np.ndarray]  # float32 [N, F] -> logits float32 [N, C]
+Predictor = Callable[[np.ndarray], np.ndarray]  # inputs [N, *input_shape] -> scores float32 [N, C]
 FORMATS = ("torch", "onnx", "packed")
 
 
@@ -46,12 +46,13 @@ def load_predictor(path, fmt: str, threads: int = 1, compile: bool = True) -> Pr
         if meta.get("torchao"):
             from wattflow.compress.torchao_backend import runtime
 
-            model, device = runtime(model, str(meta["torchao"]), int(spec["in_features"]), compile=compile)
+            model, device = runtime(model, str(meta["torchao"]), input_signature(spec, meta)[0], compile=compile)
             dtype = torch.float32
 
         def predict_torch(x: np.ndarray) -> np.ndarray:
+            xb = torch.from_numpy(np.ascontiguousarray(x))
             with torch.inference_mode():
-                logits = model(torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)).to(device, dtype))
+                logits = model(xb.to(device, dtype) if xb.is_floating_point() else xb.to(device))
             return logits.float().cpu().numpy()
 
         return predict_torch
@@ -66,7 +67,8 @@ def load_predictor(path, fmt: str, threads: int = 1, compile: bool = True) -> Pr
     output_name = session.get_outputs()[0].name
 
     def predict_onnx(x: np.ndarray) -> np.ndarray:
-        out = session.run([output_name], {input_name: np.ascontiguousarray(x, dtype=np.float32)})[0]
+        x = np.ascontiguousarray(x, dtype=np.float32 if np.issubdtype(x.dtype, np.floating) else np.int64)
+        out = session.run([output_name], {input_name: x})[0]
         return out.astype(np.float32, copy=False)
 
     return predict_onnx
@@ -83,7 +85,7 @@ def _batch(x: np.ndarray, batch_size: int) -> np.ndarray:
     """The first `batch_size` rows of x, tiled when x is shorter; contiguous float32 so the timed call
     pays no conversion."""
     reps = -(-batch_size // len(x))
-    return np.ascontiguousarray(np.tile(x, (reps, 1))[:batch_size], dtype=np.float32)
+    return np.ascontiguousarray(np.tile(x, (reps,) + (1,) * (x.ndim - 1))[:batch_size])
 
 
 def median_latency_s(predict: Predictor, x: np.ndarray, batch_size: int, repeats: int, warmup: int) -> float:

@@ -26,7 +26,7 @@ from rich.table import Table
 from wattflow.config import PipelineConfig
 from wattflow.distributed import launch_training
 from wattflow.energy import EnergyUnavailableError, FakeNvml, NvmlBackend
-from wattflow.models import load_checkpoint
+from wattflow.models import input_signature, load_checkpoint
 
 RESULTS = Path("bench/results/gpu_check.json")
 
@@ -64,9 +64,9 @@ def matmul_load(device: str, seconds: float) -> Callable[[], None]:
 
 def evaluation_load(checkpoint: str, device: str, seconds: float) -> Callable[[], None]:
     def work() -> None:
-        model, spec, _ = load_checkpoint(checkpoint)
+        model, spec, meta = load_checkpoint(checkpoint)
         model = model.to(device)
-        x = torch.rand(4096, spec["in_features"], device=device)
+        x = torch.rand(4096, *input_signature(spec, meta)[0], device=device)
         deadline = time.perf_counter() + seconds
         with torch.inference_mode():
             while time.perf_counter() < deadline:

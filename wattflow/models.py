@@ -1,15 +1,14 @@
-"""The model zoo. Every model is built from a small JSON-able spec, so a checkpoint is
-`{"spec": dict, "state_dict": tensors, "meta": dict}` and loads with `torch.load(weights_only=True)`:
-no pickled code is ever executed.
+"""Models and checkpoints. Every model is built from a small JSON-able spec (a built-in of `wattflow.zoo`, or a
+user's factory by import path), so a checkpoint is `{"spec": dict, "state_dict": tensors, "meta": dict}` and
+loads with `torch.load(weights_only=True)`: no pickled code is ever executed.
 
-Every model takes a flat float32 batch `[N, in_features]`; the CNN reshapes it to an image itself,
-so every runtime (eager, bf16, ONNX Runtime) shares one input contract.
+A model takes a batch of the workload's samples, `[N, *input_shape]` (checkpoint meta "input_shape" and
+"input_dtype"); the bundled digits are flat [N, 64] rows, which the built-in CNN reshapes to images itself.
 """
 
 from __future__ import annotations
 
 import hashlib
-import math
 import os
 import pickle
 import tempfile
@@ -20,76 +19,80 @@ from typing import Any
 import torch
 from torch import nn
 
-MODEL_KINDS = ("mlp", "cnn")
+from wattflow.plugins import load_object
+from wattflow.structure import apply_structure
+from wattflow.zoo import MODELS
+from wattflow.zoo.cnn import SmallCNN
+from wattflow.zoo.mlp import MLP
 
 # torch.export (used by the ONNX exporter and MLflow's pt2 model format) keeps global tracing state:
 # two flow runs exporting at once in one process corrupt each other's trace.
 TORCH_EXPORT_LOCK = threading.Lock()
 
 
-class MLP(nn.Module):
-    def __init__(self, in_features: int, hidden: list[int], num_classes: int, dropout: float = 0.0):
-        super().__init__()
-        layers: list[nn.Module] = []
-        width = in_features
-        for h in hidden:
-            layers += [nn.Linear(width, h), nn.ReLU()]
-            if dropout:
-                layers.append(nn.Dropout(dropout))
-            width = h
-        layers.append(nn.Linear(width, num_classes))
-        self.net = nn.Sequential(*layers)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(x)
-
-
-class SmallCNN(nn.Module):
-    """Two 3x3 conv blocks and a 2-layer head, for small square single-channel images."""
-
-    def __init__(self, in_features: int, channels: list[int], hidden: int, num_classes: int):
-        super().__init__()
-        side = math.isqrt(in_features)
-        if side * side != in_features:
-            raise ValueError(f"cnn needs a square image: in_features={in_features} is not a square")
-        self.side = side
-        convs: list[nn.Module] = []
-        c_in = 1
-        for c in channels:
-            convs += [nn.Conv2d(c_in, c, kernel_size=3, padding=1), nn.ReLU()]
-            c_in = c
-        convs.append(nn.MaxPool2d(2))
-        self.features = nn.Sequential(*convs)
-        flat = c_in * (side // 2) ** 2
-        self.head = nn.Sequential(nn.Flatten(), nn.Linear(flat, hidden), nn.ReLU(), nn.Linear(hidden, num_classes))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.features(x.reshape(-1, 1, self.side, self.side)))
-
-
 def default_spec(kind: str, in_features: int = 64, num_classes: int = 10, *, mlp_hidden: list[int] | None = None,
                  cnn_channels: list[int] | None = None, cnn_hidden: int = 64) -> dict[str, Any]:
+    """The spec of a built-in MLP or CNN on flat [in_features] samples (the bundled digits' layout)."""
     if kind == "mlp":
-        return {"kind": "mlp", "in_features": in_features, "hidden": list(mlp_hidden or [128, 64]),
-                "num_classes": num_classes}
+        return MLP.spec([in_features], num_classes, hidden=list(mlp_hidden or [128, 64]))
     if kind == "cnn":
-        return {"kind": "cnn", "in_features": in_features, "channels": list(cnn_channels or [16, 32]),
-                "hidden": cnn_hidden, "num_classes": num_classes}
-    raise ValueError(f"unknown model kind {kind!r}; allowed: {', '.join(MODEL_KINDS)}")
+        return SmallCNN.spec([in_features], num_classes, channels=list(cnn_channels or [16, 32]), hidden=cnn_hidden)
+    raise ValueError(f"unknown model kind {kind!r}; allowed: mlp, cnn")
 
 
 def build_model(spec: dict[str, Any]) -> nn.Module:
-    args = {k: v for k, v in spec.items() if k != "kind"}
-    if spec.get("kind") == "mlp":
-        return MLP(**args)
-    if spec.get("kind") == "cnn":
-        return SmallCNN(**args)
-    raise ValueError(f"unknown model kind {spec.get('kind')!r}; allowed: {', '.join(MODEL_KINDS)}")
+    """The model a spec describes, with fresh weights:
+    - a built-in: {"kind": name, **its constructor's arguments} (wattflow.zoo);
+    - a user's factory: {"factory": "pkg.module:fn", "kwargs": {...}, "path": a directory or None};
+    either with "structure": the shapes structured pruning left (wattflow.structure), re-applied here."""
+    if "factory" in spec:
+        factory = load_object(spec["factory"], spec.get("path"), field="train.model.factory")
+        model = factory(**spec.get("kwargs", {}))
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"factory {spec['factory']!r} returned a {type(model).__name__}, not a torch.nn.Module")
+    else:
+        try:
+            cls = MODELS.get(spec.get("kind"))
+        except KeyError as err:
+            raise ValueError(err.args[0]) from None
+        model = cls(**{k: v for k, v in spec.items() if k not in ("kind", "structure")})
+    if spec.get("structure"):
+        apply_structure(model, spec["structure"])
+    return model
+
+
+def input_signature(spec: dict[str, Any], meta: dict[str, Any]) -> tuple[list[int], torch.dtype]:
+    """(one sample's shape, dtype) that the model takes: recorded in meta by training; a checkpoint from before
+    workloads had flat float32 rows of spec["in_features"]."""
+    shape = meta.get("input_shape") or [int(spec["in_features"])]
+    return [int(d) for d in shape], getattr(torch, str(meta.get("input_dtype", "float32")))
+
+
+PRUNABLE = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
 
 def prunable_modules(model: nn.Module) -> list[tuple[nn.Module, str]]:
-    """(module, "weight") for every Linear and Conv2d: the tensors that pruning and int8 act on."""
-    return [(m, "weight") for m in model.modules() if isinstance(m, nn.Linear | nn.Conv2d)]
+    """(module, "weight") for every Linear and Conv*: the tensors that pruning and int8 act on."""
+    return [(m, "weight") for m in model.modules() if isinstance(m, PRUNABLE)]
+
+
+def output_layer(model: nn.Module, example: torch.Tensor) -> nn.Module | None:
+    """The Linear/Conv layer whose output is the model's output (the classifier head), or, when the output is
+    computed further, the last such layer to run that has the output's width; traced on `example`."""
+    ran: list[tuple[nn.Module, torch.Tensor]] = []
+    hooks = [m.register_forward_hook(lambda m, _, out: ran.append((m, out))) for m in model.modules()
+             if isinstance(m, PRUNABLE)]
+    try:
+        with torch.inference_mode():
+            out = model(example)
+    finally:
+        for h in hooks:
+            h.remove()
+    for module, produced in reversed(ran):
+        if produced is out:
+            return module
+    width = out.shape[-1] if isinstance(out, torch.Tensor) else None
+    return next((m for m, produced in reversed(ran) if produced.shape[-1] == width), None)
 
 
 def sha256_file(path: str | os.PathLike) -> str:

@@ -8,14 +8,16 @@ libraries that compute the artifacts, so a change to any of them invalidates it.
 from __future__ import annotations
 
 import hashlib
+import importlib.machinery
 import json
 from functools import lru_cache
 from importlib.metadata import version
 from pathlib import Path
 
 from wattflow.chains import PlannedStep
-from wattflow.config import PipelineConfig
+from wattflow.config import FactoryRef, PipelineConfig
 from wattflow.models import sha256_file
+from wattflow.workloads import workload_for
 
 PACKAGE_DIR = Path(__file__).resolve().parent
 
@@ -46,12 +48,27 @@ def _file_sha256(path: str, size: int, mtime_ns: int) -> str:
 
 
 def data_identity(cfg: PipelineConfig) -> dict:
-    """The data settings, and for a user's file its content hash: the same path with new data is new data."""
-    identity = cfg.data.model_dump()
-    if cfg.data.path:
-        stat = Path(cfg.data.path).stat()
-        identity["content_sha256"] = _file_sha256(str(Path(cfg.data.path).resolve()), stat.st_size, stat.st_mtime_ns)
-    return identity
+    """The data settings and the data's own digest (a file's content, a folder's listing): the same path with
+    new data is new data."""
+    return {**cfg.data.model_dump(), "digest": workload_for(cfg).splits.identity.get("digest")}
+
+
+def code_identity(*refs) -> dict[str, str]:
+    """The source of the user's own factories (model, student, dataset): changed code is a new model."""
+    found = {}
+    for ref in refs:
+        if isinstance(ref, FactoryRef):
+            module = ref.factory.partition(":")[0]
+            where = Path(ref.path).resolve() if ref.path else None
+            where = where.parent if where is not None and where.suffix == ".py" else where
+            spec = importlib.machinery.PathFinder.find_spec(module.split(".")[0], [str(where)] if where else None)
+            origin = spec.origin if spec is not None and spec.origin else None
+            if origin and Path(origin).is_file():
+                stat = Path(origin).stat()
+                found[ref.factory] = _file_sha256(origin, stat.st_size, stat.st_mtime_ns)
+            else:
+                found[ref.factory] = "unknown"
+    return found
 
 
 def _key(kind: str, parts: dict) -> str:
@@ -62,13 +79,15 @@ def _key(kind: str, parts: dict) -> str:
 
 def train_cache_key(cfg: PipelineConfig) -> str:
     train = cfg.train.model_dump(exclude=_TRAIN_FIELDS_NOT_IN_KEY)
-    return _key("train", {"train": train, "data": data_identity(cfg)})
+    return _key("train", {"train": train, "data": data_identity(cfg), "workload": cfg.workload,
+                          "user_code": code_identity(cfg.train.model, cfg.data.dataset)})
 
 
 def step_cache_key(cfg: PipelineConfig, planned: PlannedStep, source_sha256: str) -> str:
     """One chain step on one input checkpoint, with the settings of every step kind (a superset: cheap to
     over-invalidate, wrong to under-invalidate)."""
-    settings = {**cfg.model_dump(include={"prune", "quantize", "distill"}), "data": data_identity(cfg)}
+    settings = {**cfg.model_dump(include={"prune", "quantize", "distill"}), "data": data_identity(cfg),
+                "user_code": code_identity(cfg.distill.student_model, cfg.data.dataset)}
     settings["train"] = {"batch_size": cfg.train.batch_size, "seed": cfg.train.seed}
     return _key(planned.step.kind, {"step": planned.step.model_dump(), "name": planned.name,
                                     "source_sha256": source_sha256, "settings": settings})

@@ -19,11 +19,12 @@ from wattflow.compress.pack import deployable_artifact
 from wattflow.compress.prune import prune_checkpoint
 from wattflow.compress.quantize import quantize_checkpoint
 from wattflow.config import PipelineConfig, PruneStep, QuantizeStep
-from wattflow.data import splits_for
+from wattflow.data import batches, first_samples
 from wattflow.distributed import launch_training
 from wattflow.energy import EnergyMeter, EnergyResult
 from wattflow.evaluate import load_predictor, median_latency_s, run_inferences, size_metrics
-from wattflow.models import default_spec, sha256_file
+from wattflow.models import load_checkpoint, sha256_file
+from wattflow.workloads import workload_for
 
 Stage = Literal["train", "prune", "quantize", "distill"]
 
@@ -57,7 +58,8 @@ def train_stage(cfg: PipelineConfig, out_dir: Path, meter: EnergyMeter,
     return StageResult(
         name="train", stage="train", chain=["train"],
         artifact=Artifact(path=out.checkpoint, format="torch", sha256=out.sha256),
-        params={"model": cfg.train.model, "world_size": out.world_size, "device": out.device},
+        params={"model": cfg.train.model if isinstance(cfg.train.model, str) else cfg.train.model.factory,
+                "world_size": out.world_size, "device": out.device},
         metrics={"val_accuracy": out.metrics["val_accuracy"], "samples_seen": out.samples_seen,
                  # the last attempt's duration; the energy window covers every attempt
                  "train_duration_s": out.metrics["train_duration_s"], "restarts": out.restarts},
@@ -81,10 +83,12 @@ def step_stage(cfg: PipelineConfig, planned: PlannedStep, source: StageResult, o
 
 
 def _prune(cfg: PipelineConfig, step: PruneStep, source: StageResult, out_path: Path):
-    out = prune_checkpoint(source.artifact.path, out_path, step.sparsity, splits_for(cfg.data).train,
+    workload = workload_for(cfg)
+    out = prune_checkpoint(source.artifact.path, out_path, step.sparsity, workload.splits.train,
                            cfg.prune.fine_tune_epochs, cfg.prune.lr, cfg.train.batch_size, cfg.train.seed,
                            expected_sha256=source.artifact.sha256, method=step.method,
-                           schedule_steps=cfg.prune.schedule_steps, layer_types=tuple(cfg.prune.layer_types))
+                           schedule_steps=cfg.prune.schedule_steps, layer_types=tuple(cfg.prune.layer_types),
+                           keep=kept_layer_names(workload, source.artifact.path), loss_fn=workload.loss)
     params = {"target_sparsity": step.sparsity, "method": f"global-l1-{step.method}",
               "fine_tune_epochs": cfg.prune.fine_tune_epochs, "schedule_steps": cfg.prune.schedule_steps,
               "layer_types": ",".join(cfg.prune.layer_types)}
@@ -95,16 +99,15 @@ def _prune(cfg: PipelineConfig, step: PruneStep, source: StageResult, out_path: 
 
 
 def _quantize(cfg: PipelineConfig, step: QuantizeStep, source: StageResult, out_dir: Path):
-    calibration = splits_for(cfg.data).train.x[: cfg.quantize.calibration_samples]
+    calibration = first_samples(workload_for(cfg).splits.train, cfg.quantize.calibration_samples)
     out = quantize_checkpoint(source.artifact.path, step.backend, out_dir, calibration)
     params = {"backend": step.backend, "calibration_samples": cfg.quantize.calibration_samples, "note": out.note}
     return Artifact(path=out.path, format=out.format, sha256=sha256_file(out.path)), params, {}
 
 
 def _distill(cfg: PipelineConfig, source: StageResult, out_path: Path):
-    d, splits = cfg.distill, splits_for(cfg.data)
-    spec = default_spec(d.student_model, splits.in_features, splits.num_classes, mlp_hidden=d.student_mlp_hidden,
-                        cnn_channels=d.student_cnn_channels, cnn_hidden=d.student_cnn_hidden)
+    d, workload = cfg.distill, workload_for(cfg)
+    splits, spec = workload.splits, workload.student_spec()
     out = distill_checkpoint(source.artifact.path, out_path, spec, splits.train, splits.val, d.epochs, d.lr,
                              d.temperature, d.alpha, cfg.train.batch_size, cfg.train.seed,
                              expected_sha256=source.artifact.sha256)
@@ -112,6 +115,13 @@ def _distill(cfg: PipelineConfig, source: StageResult, out_path: Path):
               "alpha": d.alpha, "lr": d.lr}
     metrics = {"val_accuracy": out.val_accuracy, "student_params": out.student_params}
     return Artifact(path=out.checkpoint, format="torch", sha256=out.sha256), params, metrics
+
+
+def kept_layer_names(workload, checkpoint: str) -> tuple[str, ...]:
+    """Names of the layers the workload keeps unpruned in the model at `checkpoint`."""
+    model = load_checkpoint(checkpoint)[0]
+    names = {m: n for n, m in model.named_modules()}
+    return tuple(names[m] for m in workload.keep_layers(model))
 
 
 def inference_energy(cfg: PipelineConfig, name: str, predict, x, meter: EnergyMeter) -> dict[str, float | str]:
@@ -139,17 +149,20 @@ def evaluate_variant(cfg: PipelineConfig, variant: StageResult, deploy_dir: Path
     """Test accuracy, latency per batch size, energy per inference, every size definition, and the deployable
     artifact (checked to predict exactly as the variant), measured with the runtime the variant deploys on,
     one thread (cfg.eval.threads)."""
-    splits = splits_for(cfg.data)
+    workload = workload_for(cfg)
+    test = workload.splits.test
     art = variant.artifact
     if sha256_file(art.path) != art.sha256:
         raise ValueError(f"{art.path} changed since its stage wrote it (sha256 mismatch)")
     predict = load_predictor(art.path, art.format, cfg.eval.threads)
-    logits = predict(splits.test.x)
-    figures: dict[str, float | str] = {"accuracy": float((logits.argmax(axis=1) == splits.test.y).mean())}
+    figures: dict[str, float | str] = dict(workload.score(predict, test))
+    figures["test_samples"] = len(test)
+    # Timing and energy batches: real test inputs (up to the largest batch), tiled when the split is smaller.
+    timing_x = first_samples(test, max(256, *cfg.eval.batch_sizes))
     for batch in cfg.eval.batch_sizes:
-        figures[f"latency_b{batch}_s"] = median_latency_s(predict, splits.test.x, batch, cfg.eval.repeats,
+        figures[f"latency_b{batch}_s"] = median_latency_s(predict, timing_x, batch, cfg.eval.repeats,
                                                           cfg.eval.warmup)
-    figures.update(inference_energy(cfg, variant.name, predict, splits.test.x, meter))
+    figures.update(inference_energy(cfg, variant.name, predict, timing_x, meter))
     sizes = size_metrics(art.path, art.format)
     figures.update({"param_count": sizes["param_count"], "nonzero_params": sizes["nonzero_params"],
                     "dense_bytes": sizes["dense_bytes"], "size_bytes": sizes["file_bytes"],
@@ -158,6 +171,7 @@ def evaluate_variant(cfg: PipelineConfig, variant: StageResult, deploy_dir: Path
     figures["deployable_bytes"] = deploy_bytes
     figures["deployable.path"] = deploy_path
     if deploy_path != art.path:  # a packed file: it must give exactly the variant's outputs
-        deployed = load_predictor(deploy_path, "packed", cfg.eval.threads)(splits.test.x)
-        figures["deployable_identical"] = float(np.array_equal(deployed, logits))
+        deployed = load_predictor(deploy_path, "packed", cfg.eval.threads)
+        figures["deployable_identical"] = float(all(np.array_equal(deployed(xb), predict(xb))
+                                                    for xb, _ in batches(test, 512)))
     return figures

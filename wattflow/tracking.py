@@ -32,12 +32,13 @@ import mlflow
 import numpy as np
 import torch
 from mlflow.entities import Metric, Param, RunStatus, RunTag
+from mlflow.models import infer_signature
 from mlflow.tracking import MlflowClient
 from torch import nn
 
 from wattflow.config import EnergyConfig
 from wattflow.energy import EnergyResult, co2e_g
-from wattflow.models import TORCH_EXPORT_LOCK, load_checkpoint
+from wattflow.models import TORCH_EXPORT_LOCK, input_signature, load_checkpoint
 from wattflow.preflight import mask_secrets
 
 STAGE_TAG = "wattflow.stage"
@@ -45,6 +46,7 @@ RUN_KEY_TAG = "wattflow.run_key"  # a key chosen before creation, so a replayed 
 JOURNAL_NAME = "mlflow-journal.jsonl"
 OFFLINE_PREFIX = "offline-"
 OFFLINE_EXPERIMENT_PREFIX = "offline-experiment:"
+ONNX_SCORES_CODE = Path(__file__).resolve().parent / "serving" / "onnx_scores.py"
 BATCH_LIMIT = 100  # MLflow's log_batch takes at most 100 params or tags per call
 
 log = logging.getLogger(__name__)
@@ -253,6 +255,8 @@ class Tracker:
             self.client.log_dict(run_id, args["data"], args["artifact_file"])
         elif op == "log_model":
             self._log_model_now(run_id, args["path"], args["fmt"])
+        elif op == "log_input":
+            self._log_input_now(run_id, args)
         elif op == "set_terminated":
             self.client.set_terminated(run_id, args["status"], args["end_time_ms"])
         else:
@@ -385,18 +389,51 @@ class Tracker:
         self._write("log_model", run_id, {"path": str(Path(path).resolve()), "fmt": fmt})
 
     def _log_model_now(self, run_id: str, path: str, fmt: str) -> None:
+        """Either way the model has a signature (input [-1, *sample shape] and its dtype; output the scores) and
+        an input example, and `predict` returns the scores as one array."""
         with TORCH_EXPORT_LOCK, mlflow.start_run(run_id=run_id):
             if fmt == "torch":
-                model, spec, _ = load_checkpoint(path)
+                model, spec, meta = load_checkpoint(path)
+                shape, dtype = input_signature(spec, meta)
+                example = torch.zeros(2, *shape, dtype=dtype).numpy()
+                wrapped = Float32IO(model)
+                with torch.inference_mode():
+                    output = wrapped(torch.from_numpy(example)).numpy()
                 # MLflow's default 'pt2' format is a traced graph (no pickled code), traced on this example.
-                example = np.zeros((2, spec["in_features"]), dtype=np.float32)
-                mlflow.pytorch.log_model(Float32IO(model), name="model", input_example=example,
+                mlflow.pytorch.log_model(wrapped, name="model", input_example=example,
+                                         signature=infer_signature(example, output),
                                          pip_requirements=pip_requirements("torch"))
             else:
-                import onnx
+                import onnxruntime as ort
 
-                mlflow.onnx.log_model(onnx.load(path), name="model", save_as_external_data=False,
-                                      pip_requirements=pip_requirements("onnx", "onnxruntime"))
+                session = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+                spec_in = session.get_inputs()[0]
+                dtype = np.float32 if "float" in spec_in.type else np.int64
+                example = np.zeros([2, *spec_in.shape[1:]], dtype=dtype)
+                output = session.run(None, {spec_in.name: example})[0]
+                mlflow.pyfunc.log_model(name="model", python_model=str(ONNX_SCORES_CODE), artifacts={"onnx": path},
+                                        input_example=example, signature=infer_signature(example, output),
+                                        pip_requirements=pip_requirements("onnx", "onnxruntime"))
+
+    def log_input(self, run_id: str, dataset: dict[str, Any]) -> None:
+        """The dataset a run trained on, through MLflow's dataset tracking (the UI's Dataset column and
+        lineage): `dataset` holds name, digest, source, input shape and dtype, context."""
+        self._write("log_input", run_id, dataset)
+
+    def _log_input_now(self, run_id: str, dataset: dict[str, Any]) -> None:
+        from mlflow.data.code_dataset_source import CodeDatasetSource
+        from mlflow.data.dataset_source_registry import resolve_dataset_source
+        from mlflow.data.meta_dataset import MetaDataset
+        from mlflow.entities import DatasetInput, InputTag
+        from mlflow.types import Schema, TensorSpec
+
+        source = dataset["source"]
+        resolved = (resolve_dataset_source(source) if Path(source).exists()
+                    else CodeDatasetSource({"source": source}))
+        schema = Schema([TensorSpec(np.dtype(dataset["dtype"]), (-1, *dataset["shape"]), "x")])
+        meta = MetaDataset(source=resolved, name=dataset["name"], digest=dataset["digest"], schema=schema)
+        self.client.log_inputs(run_id, [DatasetInput(meta._to_mlflow_entity(),
+                                                     tags=[InputTag("mlflow.data.context", dataset["context"])])])
 
     def has_logged_model(self, run_id: str) -> bool:
         experiment_id = self.client.get_run(run_id).info.experiment_id

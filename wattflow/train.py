@@ -40,16 +40,17 @@ import torch
 import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
-from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
+from torch.utils.data import DistributedSampler
 
-from wattflow.config import DataConfig, TrainConfig
-from wattflow.data import splits_for
+from wattflow.config import DataConfig, PipelineConfig, TrainConfig
+from wattflow.data import loader
 from wattflow.distributed import FATAL_FILE, STATE_FILE, NonFiniteLossError, TrainingError, parse_fault
 from wattflow.models import atomic_write, build_model, save_checkpoint
+from wattflow.workloads import Workload, workload_for
 
 # Fields that change what training computes: a state.pt written under other values cannot be resumed.
-RESUME_KEY_FIELDS = ("model", "mlp_hidden", "cnn_channels", "cnn_hidden", "epochs", "batch_size", "lr",
-                     "weight_decay", "warmup_epochs", "seed")
+RESUME_KEY_FIELDS = ("model", "model_kwargs", "optimizer", "mlp_hidden", "cnn_channels", "cnn_hidden", "epochs",
+                     "batch_size", "lr", "weight_decay", "warmup_epochs", "seed")
 
 
 def lr_factor(step: int, warmup_steps: int, total_steps: int) -> float:
@@ -60,12 +61,30 @@ def lr_factor(step: int, warmup_steps: int, total_steps: int) -> float:
     return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
 
-@torch.inference_mode()
-def evaluate_accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
+def make_optimizer(name: str, model: nn.Module, lr: float, weight_decay: float) -> torch.optim.Optimizer:
+    if name == "adamw":
+        return torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
+    return torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, nesterov=True, weight_decay=weight_decay)
+
+
+def torch_predictor(model: nn.Module, device: torch.device | str = "cpu"):
+    """numpy batch in, numpy scores out, in inference mode: what `Workload.score` takes."""
+    dtype = next(model.parameters()).dtype
+
+    def predict(x):
+        with torch.inference_mode():
+            xb = torch.from_numpy(x).to(device)
+            return model(xb.to(dtype) if xb.is_floating_point() else xb).float().cpu().numpy()
+
+    return predict
+
+
+def primary_score(workload: Workload, model: nn.Module, dataset, device: torch.device | str = "cpu") -> float:
+    was_training = model.training
     model.eval()
-    correct = (model(x).argmax(dim=1) == y).sum().item()
-    model.train()
-    return correct / len(y)
+    value = workload.score(torch_predictor(model, device), dataset)[workload.primary_metric]
+    model.train(was_training)
+    return value
 
 
 def write_json(path: Path, data: dict) -> None:
@@ -73,7 +92,7 @@ def write_json(path: Path, data: dict) -> None:
 
 
 def resume_key(cfg: TrainConfig, data_cfg: DataConfig, world_size: int) -> str:
-    fields = {k: getattr(cfg, k) for k in RESUME_KEY_FIELDS}
+    fields = cfg.model_dump(mode="json", include=set(RESUME_KEY_FIELDS))
     return json.dumps({"train": fields, "data": data_cfg.model_dump(mode="json"), "world_size": world_size},
                       sort_keys=True)
 
@@ -148,8 +167,8 @@ def die_with_parent() -> None:
 
 def main(job_path: str) -> None:
     job = json.loads(Path(job_path).read_text())
-    cfg = TrainConfig.model_validate(job["train"])
-    data_cfg = DataConfig.model_validate(job["data"])
+    pipeline_cfg = PipelineConfig.model_validate(job["config"])
+    cfg, data_cfg = pipeline_cfg.train, pipeline_cfg.data
     out_dir = Path(job["out_dir"])
     use_cuda = job["device"] == "cuda"
 
@@ -171,19 +190,17 @@ def main(job_path: str) -> None:
     device = torch.device(f"cuda:{local_rank}" if use_cuda else "cpu")
     dist.init_process_group(backend="nccl" if use_cuda else "gloo")
 
-    splits = splits_for(data_cfg)
-    train_ds = TensorDataset(torch.from_numpy(splits.train.x), torch.from_numpy(splits.train.y))
-    sampler = DistributedSampler(train_ds, num_replicas=world, rank=rank, shuffle=True, seed=cfg.seed)
-    loader = DataLoader(train_ds, batch_size=cfg.batch_size, sampler=sampler)
-    x_val = torch.from_numpy(splits.val.x).to(device)
-    y_val = torch.from_numpy(splits.val.y).to(device)
+    workload = workload_for(pipeline_cfg)
+    splits = workload.splits
+    # Each rank reads only its shard of the training samples, batch by batch.
+    sampler = DistributedSampler(splits.train, num_replicas=world, rank=rank, shuffle=True, seed=cfg.seed)
+    train_loader = loader(splits.train, cfg.batch_size, sampler=sampler, num_workers=data_cfg.num_workers)
 
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank (DDP also broadcasts rank 0's)
     spec = job["spec"]
     model = build_model(spec).to(device)
-    optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=0.9, nesterov=True,
-                                weight_decay=cfg.weight_decay)
-    steps_per_epoch = len(loader)
+    optimizer = make_optimizer(cfg.optimizer, model, cfg.lr, cfg.weight_decay)
+    steps_per_epoch = len(train_loader)
     total_steps = cfg.epochs * steps_per_epoch
     warmup_steps = max(1, int(cfg.warmup_epochs * steps_per_epoch))
     scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -199,7 +216,7 @@ def main(job_path: str) -> None:
     # bf16 autocast pays on GPUs with bf16 tensor cores; on CPU ranks it only slows these small models.
     autocast = torch.autocast("cuda", dtype=torch.bfloat16,
                               enabled=use_cuda and torch.cuda.is_bf16_supported())
-    loss_fn = nn.CrossEntropyLoss()
+    loss_fn = workload.loss
 
     started = time.perf_counter()
     val_accuracy = float("nan")
@@ -208,7 +225,7 @@ def main(job_path: str) -> None:
         loss_sum = torch.zeros(2, device=device)  # (sum of losses, samples) on this rank
         # First step with a non-finite loss, tracked on the device: no host sync per step.
         first_bad_step = torch.full((), steps_per_epoch + 1, device=device)
-        for step, (xb, yb) in enumerate(loader, start=1):
+        for step, (xb, yb) in enumerate(train_loader, start=1):
             xb, yb = xb.to(device, non_blocking=True), yb.to(device, non_blocking=True)
             with autocast:
                 loss = loss_fn(ddp(xb), yb)
@@ -235,7 +252,7 @@ def main(job_path: str) -> None:
                  f"train.lr (now {cfg.lr:g}) or raise train.warmup_epochs (now {cfg.warmup_epochs:g}), and check "
                  "the data for NaN/inf values")
         if master_process:
-            val_accuracy = evaluate_accuracy(model, x_val, y_val)
+            val_accuracy = primary_score(workload, model, splits.val, device)
             line = {"epoch": epoch + 1, "epochs": cfg.epochs, "train_loss": (loss_sum[0] / loss_sum[1]).item(),
                     "val_accuracy": val_accuracy, "lr": scheduler.get_last_lr()[0],
                     "elapsed_s": time.perf_counter() - started, "restarts": restarts}
@@ -250,8 +267,8 @@ def main(job_path: str) -> None:
     train_s = time.perf_counter() - started
     if master_process:
         if math.isnan(val_accuracy):  # resumed after the last epoch: nothing trained in this attempt
-            val_accuracy = evaluate_accuracy(model, x_val, y_val)
-        meta = {"epochs": cfg.epochs, "world_size": world, "val_accuracy": val_accuracy}
+            val_accuracy = primary_score(workload, model, splits.val, device)
+        meta = {**workload.meta(), "epochs": cfg.epochs, "world_size": world, "val_accuracy": val_accuracy}
         sha = save_checkpoint(out_dir / "model.pt", model, spec, meta)
         write_json(out_dir / "metrics.json", {
             "val_accuracy": val_accuracy, "world_size": world, "device": job["device"], "checkpoint_sha256": sha,

@@ -1,8 +1,8 @@
 """Knowledge distillation (Hinton, Vinyals & Dean, 2015): a smaller student learns from the teacher's
 softened outputs as well as from the labels.
 
-Single process: the students are small, and the teacher's logits are computed once, up front, in
-inference mode (it is frozen and the training data are not augmented, so they never change).
+Single process: the students are small. The frozen teacher's logits are computed batch by batch, in
+inference mode, from the same batches the student sees: the data stream, never held whole in memory.
 """
 
 from __future__ import annotations
@@ -13,9 +13,9 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import Dataset
 
-from wattflow.data import Split
+from wattflow.data import batches, loader
 from wattflow.models import build_model, load_checkpoint, save_checkpoint, sha256_file
 from wattflow.train import lr_factor
 
@@ -46,34 +46,37 @@ def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor
 GRAD_CLIP_NORM = 5.0
 
 
-def distill_checkpoint(teacher_ckpt: str | Path, out_path: str | Path, student_spec: dict[str, Any], train: Split,
-                       val: Split, epochs: int, lr: float, temperature: float, alpha: float, batch_size: int = 32,
-                       seed: int = 0, expected_sha256: str | None = None) -> DistillOutput:
+def distill_checkpoint(teacher_ckpt: str | Path, out_path: str | Path, student_spec: dict[str, Any],
+                       train: Dataset, val: Dataset, epochs: int, lr: float, temperature: float, alpha: float,
+                       batch_size: int = 32, seed: int = 0, expected_sha256: str | None = None) -> DistillOutput:
     """Train a fresh `student_spec` model against the teacher's soft targets; SGD with Nesterov momentum and
     one warm-up epoch then cosine decay. alpha=0 is plain training from scratch on the same schedule."""
     if epochs < 1 or temperature <= 0 or not 0.0 <= alpha <= 1.0:
         raise ValueError(f"need epochs >= 1, temperature > 0, 0 <= alpha <= 1; got {epochs}, {temperature}, {alpha}")
-    teacher, teacher_spec, _ = load_checkpoint(teacher_ckpt, expected_sha256)
+    teacher, teacher_spec, teacher_meta = load_checkpoint(teacher_ckpt, expected_sha256)
+    teacher = teacher.eval()
     for key in ("in_features", "num_classes"):
-        if student_spec.get(key) != teacher_spec.get(key):
+        if key in student_spec and key in teacher_spec and student_spec[key] != teacher_spec[key]:
             raise ValueError(f"student {key}={student_spec.get(key)} differs from the teacher's "
                              f"{teacher_spec.get(key)}")
 
-    x, y = torch.from_numpy(train.x), torch.from_numpy(train.y)
-    with torch.inference_mode():
-        teacher_logits = teacher.eval()(x).float()
-
     torch.manual_seed(seed)  # the student's initial weights
     student = build_model(student_spec)
-    loader = DataLoader(TensorDataset(x, y, teacher_logits), batch_size=batch_size, shuffle=True,
-                        generator=torch.Generator().manual_seed(seed))
+    train_batches = loader(train, batch_size, shuffle=True, seed=seed)
     optimizer = torch.optim.SGD(student.parameters(), lr=lr, momentum=0.9, nesterov=True, weight_decay=5e-4)
-    total = epochs * len(loader)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, len(loader), total))
+    total = epochs * len(train_batches)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, len(train_batches), total))
+    teacher_dtype = next(teacher.parameters()).dtype
     student.train()
     for _ in range(epochs):
-        for xb, yb, tb in loader:
-            loss = distillation_loss(student(xb), tb, yb, temperature, alpha)
+        for xb, yb in train_batches:
+            with torch.inference_mode():
+                tb = teacher(xb.to(teacher_dtype)).float()
+            out = student(xb)
+            if out.shape != tb.shape:
+                raise ValueError(f"the student's output {list(out.shape)} does not match the teacher's "
+                                 f"{list(tb.shape)}: build the student for the same classes")
+            loss = distillation_loss(out, tb.clone(), yb, temperature, alpha)
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"distillation loss became {loss.item()}; lower distill.lr (now {lr})")
             optimizer.zero_grad(set_to_none=True)
@@ -85,13 +88,19 @@ def distill_checkpoint(teacher_ckpt: str | Path, out_path: str | Path, student_s
             scheduler.step()
     student.eval()
 
+    correct = agree = seen = 0
     with torch.inference_mode():
-        x_val = torch.from_numpy(val.x)
-        predicted = student(x_val).argmax(dim=1)
-        val_accuracy = (predicted == torch.from_numpy(val.y)).float().mean().item()
-        agreement = (predicted == teacher(x_val).argmax(dim=1)).float().mean().item()
+        for xb, yb in batches(val, 512):
+            x_val = torch.from_numpy(xb)
+            predicted = student(x_val).argmax(dim=1)
+            correct += int((predicted == torch.from_numpy(yb)).sum())
+            agree += int((predicted == teacher(x_val.to(teacher_dtype)).argmax(dim=1)).sum())
+            seen += len(yb)
+    val_accuracy, agreement = correct / seen, agree / seen
     params = sum(p.numel() for p in student.parameters())
-    meta = {"teacher_sha256": expected_sha256 or sha256_file(teacher_ckpt), "epochs": epochs,
+    inputs = {k: teacher_meta[k] for k in ("workload", "input_shape", "input_dtype", "num_classes", "preprocessing")
+              if k in teacher_meta}
+    meta = {**inputs, "teacher_sha256": expected_sha256 or sha256_file(teacher_ckpt), "epochs": epochs,
             "temperature": temperature, "alpha": alpha, "val_accuracy": val_accuracy,
             "val_teacher_agreement": agreement}
     sha = save_checkpoint(out_path, student, student_spec, meta)

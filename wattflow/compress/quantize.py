@@ -32,7 +32,14 @@ from torch import nn
 from wattflow.compress import torchao_backend
 from wattflow.compress.weights import snap_int8, snap_kmeans
 from wattflow.config import QuantBackend
-from wattflow.models import TORCH_EXPORT_LOCK, atomic_write, load_checkpoint, save_checkpoint, sha256_file
+from wattflow.models import (
+    TORCH_EXPORT_LOCK,
+    atomic_write,
+    input_signature,
+    load_checkpoint,
+    save_checkpoint,
+    sha256_file,
+)
 
 ONNX_INPUT = "x"
 ONNX_OUTPUT = "logits"
@@ -95,12 +102,15 @@ def _cpu_has_bf16() -> bool:
     return bool(re.search(r"\b(avx512_bf16|amx_bf16)\b", flags))
 
 
-def export_onnx(model: nn.Module, path, in_features: int) -> None:
-    """Write `model` as one self-contained fp32 ONNX file: input "x" [batch, in_features] -> "logits"."""
+def export_onnx(model: nn.Module, path, input_shape: int | list[int], input_dtype: torch.dtype = torch.float32
+                ) -> None:
+    """Write `model` as one self-contained fp32 ONNX file: input "x" [batch, *input_shape] -> "logits"
+    (an int is a flat [in_features] sample)."""
     import onnx
 
     model = copy.deepcopy(model).float().eval()  # never change the caller's model dtype or mode
-    example = (torch.zeros(2, in_features),)  # batch 2: a batch of 1 would be specialised as a constant
+    shape = [input_shape] if isinstance(input_shape, int) else list(input_shape)
+    example = (torch.zeros(2, *shape, dtype=input_dtype),)  # batch 2: a batch of 1 would be specialised as a constant
     batch = torch.export.Dim("batch")
     # The dynamo exporter logs torchvision notices and torch-internal FutureWarnings nobody can act on.
     reg_log = logging.getLogger("torch.onnx._internal.exporter._registration")
@@ -136,7 +146,7 @@ def quantize_checkpoint(ckpt_path, backend: str, out_dir,
                         calibration_x: np.ndarray | None) -> QuantizedArtifact:
     """Quantize the checkpoint at `ckpt_path` into `out_dir` (file named `<stem><backend suffix>`).
 
-    `calibration_x` (float32 [N, in_features]) is required by "onnx-int8-static"; for
+    `calibration_x` (float32 [N, *input_shape]) is required by "onnx-int8-static"; for
     "onnx-int8-dynamic", "int8-weights" and "kmeans-4bit" it is optional and only measures agreement
     with the source model for the note."""
     ok, reason = backend_available(backend)
@@ -153,17 +163,17 @@ def quantize_checkpoint(ckpt_path, backend: str, out_dir,
     if backend in torchao_backend.TORCHAO_BACKENDS:
         return _torchao(ckpt_path, backend, out_path, calibration_x, reason)
 
-    in_features = int(spec["in_features"])
+    shape, dtype = input_signature(spec, meta)
     if calibration_x is not None:
         calibration_x = np.ascontiguousarray(calibration_x, dtype=np.float32)
-        if calibration_x.ndim != 2 or calibration_x.shape[1] != in_features or len(calibration_x) == 0:
-            raise ValueError(f"calibration_x must be [N>0, {in_features}], got {calibration_x.shape}")
+        if list(calibration_x.shape[1:]) != shape or len(calibration_x) == 0:
+            raise ValueError(f"calibration_x must be [N>0, {', '.join(map(str, shape))}], got {calibration_x.shape}")
     elif backend == "onnx-int8-static":
-        raise ValueError("onnx-int8-static needs calibration_x (float32 [N, in_features])")
+        raise ValueError(f"onnx-int8-static needs calibration_x (float32 [N, {', '.join(map(str, shape))}])")
 
     with tempfile.TemporaryDirectory(prefix="wattflow-quant-") as tmp:
         fp32 = Path(tmp, "fp32.onnx")
-        export_onnx(model, fp32, in_features)
+        export_onnx(model, fp32, shape, dtype)
         pre = Path(tmp, "pre.onnx")
         _pre_process(fp32, pre)
         if backend == "onnx-int8-static":

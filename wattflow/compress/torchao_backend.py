@@ -105,7 +105,7 @@ def quantize_model(model: nn.Module, backend: str) -> tuple[nn.Module, int]:
     return model, count
 
 
-def runtime(model: nn.Module, config: str, in_features: int, compile: bool = True
+def runtime(model: nn.Module, config: str, input_shape: int | list[int], compile: bool = True
             ) -> tuple[nn.Module | object, torch.device]:
     """(callable, device): `model` (float32, from an fp32 checkpoint) with the torchao `config` re-applied,
     wrapped in torch.compile(dynamic=True) when `compile` and warmed up on batches of 1 and 2 rows, so
@@ -125,7 +125,8 @@ def runtime(model: nn.Module, config: str, in_features: int, compile: bool = Tru
     try:
         with torch.inference_mode():
             for rows in (1, 2):
-                compiled(torch.zeros(rows, in_features, device=device))
+                shape = [input_shape] if isinstance(input_shape, int) else list(input_shape)
+                compiled(torch.zeros(rows, *shape, device=device))
     except Exception as err:  # no C++ compiler, an inductor gap for this config...: eager still works
         log.warning("torch.compile failed for %s (%s); running it eager", backend, err)
         return model, device
