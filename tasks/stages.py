@@ -15,8 +15,8 @@ from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 from prefect.runtime import flow_run
 
-from flows.multinode import train_multinode
 from tasks.concurrency import measured_slot
+from tasks.multinode import train_multinode
 from tasks.progress import TrainingProgress, training_reused
 from wattflow import stages
 from wattflow.chains import PlannedStep

@@ -11,8 +11,8 @@ import pytest
 from prefect.settings import PREFECT_API_URL, temporary_settings
 from servers import deployed_stack, process_worker, tail
 
-from flows.multinode import node_energy, stage_result, train_multinode
 from tasks.concurrency import measured_slot, slot_names
+from tasks.multinode import node_energy, stage_result, train_multinode
 from wattflow.config import PipelineConfig
 from wattflow.energy import EnergyResult, FakeNvml
 from wattflow.models import sha256_file

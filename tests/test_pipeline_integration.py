@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import asyncio
 import uuid
+from pathlib import Path
 
 import mlflow
+import numpy as np
 import pytest
 from mlflow.tracking import MlflowClient
 from prefect.client.orchestration import get_client
@@ -14,9 +16,13 @@ from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
 from prefect.testing.utilities import prefect_test_harness
 
 from flows.pipeline import pipeline
-from wattflow.config import PipelineConfig
+from wattflow.config import PipelineConfig, load_config
+from wattflow.data import first_samples
+from wattflow.datasets.sample_images import write_digit_images
+from wattflow.workloads import workload_for
 
 pytestmark = pytest.mark.integration
+EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "bring-your-own"
 
 ENERGY_METHODS = {"estimated:cpu-time", "measured:rapl", "measured:nvml", "measured:nvml+measured:rapl",
                   "estimated:cpu-time+measured:nvml"}
@@ -157,3 +163,40 @@ def test_a_failed_stage_leaves_its_runs_failed_not_running(prefect_server, mlflo
     assert set(by_stage) == {"pipeline", "train"}
     assert by_stage["train"].info.status == "FAILED" and by_stage["pipeline"].info.status == "FAILED"
     assert "timeout_s" in by_stage["train"].data.tags["error"]
+
+
+def test_bring_your_own_example_runs_every_chain_and_ships_a_usable_model(prefect_server, mlflow_uri, tmp_path):
+    """examples/bring-your-own/recipe.yaml (the user's MyNet from its own file, an RGB image folder), small."""
+    write_digit_images(tmp_path / "images", mode="RGB", size=32, per_class=30)
+    recipe = load_config(EXAMPLE / "recipe.yaml").model_dump(mode="json")
+    recipe["work_dir"] = str(tmp_path / "artifacts")
+    recipe["data"]["path"] = str(tmp_path / "images")
+    recipe["train"]["model"]["path"] = recipe["distill"]["student_model"]["path"] = str(EXAMPLE)
+    recipe["train"].update(epochs=3, cpu_ranks=2)
+    recipe["prune"].update(fine_tune_epochs=1, schedule_steps=1)
+    recipe["distill"]["epochs"] = 1
+    recipe["eval"].update(repeats=2, warmup=1, energy_inferences=256, energy_min_window_s=0.1)
+    cfg = PipelineConfig.model_validate(recipe)
+    result = pipeline(cfg)
+
+    client = MlflowClient(mlflow_uri)
+    parent = client.get_run(result["mlflow_run_id"])
+    children = client.search_runs([parent.info.experiment_id],
+                                  filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
+    by_name = {c.info.run_name: c for c in children}
+    expected = {"train", *("+".join(c.labels) for c in cfg.chains)}
+    skipped = {k.removeprefix("skipped.") for k in parent.data.tags if k.startswith("skipped.")}
+    assert expected == set(by_name) | skipped and all(c.info.status == "FINISHED" for c in children)
+    for run in children:
+        assert {"accuracy", "size_bytes", "deployable_bytes"} <= set(run.data.metrics), run.info.run_name
+    # the dataset the model was trained on, through MLflow's dataset tracking
+    (dataset,) = by_name["train"].inputs.dataset_inputs
+    assert dataset.dataset.name == "images" and '"shape": [-1, 3, 32, 32]' in dataset.dataset.schema
+    # one registered model per dataset; the champion has a signature and returns class scores as an array
+    name = "wattflow-images"
+    assert result["registered"] and client.get_registered_model(name)
+    model = mlflow.pyfunc.load_model(f"models:/{name}@champion")
+    assert model.metadata.get_input_schema() is not None and model.metadata.get_output_schema() is not None
+    x = first_samples(workload_for(cfg).splits.test, 5)
+    scores = model.predict(x)
+    assert isinstance(scores, np.ndarray) and scores.shape == (5, 10)

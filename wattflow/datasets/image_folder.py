@@ -2,7 +2,8 @@
 
 Images are read lazily (Pillow; torchvision does not install beside the pinned torch), converted to one mode
 (grey "L" when every image is grey, else "RGB": said in the notes), resized to `data.image_size` squared, scaled
-to [0, 1] and normalised per channel with the mean and standard deviation of the TRAIN split, computed here
+to [0, 1] and normalised per channel with the mean and standard deviation of the TRAIN split (at most STATS_IMAGES of
+its images, evenly spaced), computed here
 and recorded with the model (`preprocessing`), so that deployment applies the same steps.
 """
 
@@ -15,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, Subset
 
 from wattflow.config import DataConfig
 from wattflow.data import DATASETS, DataError, Splits, batches, stratified_indices
@@ -85,8 +86,14 @@ def image_modes(root: Path, files: list[Path]) -> Counter:
     return modes
 
 
+STATS_IMAGES = 2048  # per-channel statistics from at most this many training images, evenly spaced
+
+
 def channel_stats(dataset: ImageFiles) -> tuple[list[float], list[float]]:
-    """Per-channel mean and standard deviation over every pixel of `dataset` (unnormalised), in one pass."""
+    """Per-channel mean and standard deviation over every pixel of `dataset` (unnormalised), in one pass; a larger
+    split is sampled evenly (STATS_IMAGES), which bounds the cost every rank pays at start-up."""
+    if len(dataset) > STATS_IMAGES:
+        dataset = Subset(dataset, np.linspace(0, len(dataset) - 1, STATS_IMAGES).round().astype(int).tolist())
     total = total_sq = None
     count = 0
     for xb, _ in batches(dataset, 256):

@@ -14,7 +14,7 @@ import at the bottom of this file.
 
 from __future__ import annotations
 
-from functools import cached_property, lru_cache
+from functools import lru_cache
 from typing import Any
 
 import numpy as np
@@ -41,9 +41,9 @@ class Workload:
     def __init__(self, cfg: PipelineConfig):
         self.cfg = cfg
 
-    @cached_property
+    @property
     def splits(self) -> Splits:
-        return splits_for(self.cfg.data)
+        return splits_for(self.cfg.data)  # cached there, per configuration and file stamp: new data is seen
 
     # What every stage records with a model, so that deployment feeds it what it was trained on.
     def meta(self) -> dict[str, Any]:
