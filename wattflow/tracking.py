@@ -22,6 +22,7 @@ import re
 import threading
 import time
 import uuid
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from importlib.metadata import version
@@ -411,6 +412,8 @@ class Tracker:
                 dtype = np.float32 if "float" in spec_in.type else np.int64
                 example = np.zeros([2, *spec_in.shape[1:]], dtype=dtype)
                 output = session.run(None, {spec_in.name: example})[0]
+                # MLflow suggests type hints on predict for automatic signatures: the signature here is explicit.
+                warnings.filterwarnings("ignore", message=".*Add type hints to the `predict` method.*")
                 mlflow.pyfunc.log_model(name="model", python_model=str(ONNX_SCORES_CODE), artifacts={"onnx": path},
                                         input_example=example, signature=infer_signature(example, output),
                                         pip_requirements=pip_requirements("onnx", "onnxruntime"))
@@ -428,8 +431,10 @@ class Tracker:
         from mlflow.types import Schema, TensorSpec
 
         source = dataset["source"]
-        resolved = (resolve_dataset_source(source) if Path(source).exists()
-                    else CodeDatasetSource({"source": source}))
+        with warnings.catch_warnings():  # a local path matches MLflow's local source twice; it takes the first
+            warnings.filterwarnings("ignore", message="The specified dataset source can be interpreted")
+            resolved = (resolve_dataset_source(source) if Path(source).exists()
+                        else CodeDatasetSource({"source": source}))
         schema = Schema([TensorSpec(np.dtype(dataset["dtype"]), (-1, *dataset["shape"]), "x")])
         meta = MetaDataset(source=resolved, name=dataset["name"], digest=dataset["digest"], schema=schema)
         self.client.log_inputs(run_id, [DatasetInput(meta._to_mlflow_entity(),
