@@ -16,7 +16,7 @@ from wattflow.config import PipelineConfig
 from wattflow.figures import comparison_csv, markdown_report, pareto_png
 from wattflow.registry import register_variants
 from wattflow.select import Selection, exact_rows, select_champion
-from wattflow.stages import StageResult
+from wattflow.stages import StageResult, VariantFigures
 from wattflow.tracking import Tracker
 from wattflow.workloads import workload_for
 
@@ -24,7 +24,7 @@ REPORT_ARTIFACT_KEY = "wattflow-report"
 
 
 @task(name="select", cache_policy=NO_CACHE)
-def select(cfg: PipelineConfig, rows: list[dict], figures: list[dict]) -> Selection:
+def select(cfg: PipelineConfig, rows: list[dict], figures: list[VariantFigures]) -> Selection:
     """On the exact figures (the rows are rounded for display), as MLflow holds them."""
     selection = select_champion(exact_rows(rows, figures), cfg.select.accuracy_budget_points, cfg.select.objective)
     get_run_logger().info("champion: %s (%s)", selection.champion, selection.reason)

@@ -25,7 +25,7 @@ from wattflow.config import PipelineConfig, QuantizeStep
 from wattflow.energy import make_meter
 from wattflow.models import sha256_file
 from wattflow.provenance import step_cache_key, train_cache_key
-from wattflow.stages import StageResult
+from wattflow.stages import StageResult, VariantFigures
 from wattflow.tracking import Tracker, record_evaluation, record_stage
 from wattflow.workloads import workload_for
 
@@ -120,7 +120,7 @@ def compress(cfg: PipelineConfig, parent_run_id: str, run_dir: str, source: Stag
 
 
 @task(name="evaluate", cache_policy=NO_CACHE, tags=["measured"], task_run_name="evaluate-{variant.name}")
-def evaluate(cfg: PipelineConfig, run_dir: str, variant: StageResult) -> dict[str, float | str]:
+def evaluate(cfg: PipelineConfig, run_dir: str, variant: StageResult) -> VariantFigures:
     with measured_slot(get_run_logger().info):
         figures = stages.evaluate_variant(cfg, variant, Path(run_dir) / "deploy", make_meter(cfg.energy))
     record_evaluation(Tracker(journal_dir=run_dir), variant.mlflow_run_id, figures)

@@ -75,7 +75,7 @@ def test_summary_rows_carry_the_accuracy_delta_and_the_terminal_table_stars_the_
 
     from wattflow.energy import DeviceEnergy, EnergyResult
     from wattflow.report import rich_table, summary_rows
-    from wattflow.stages import Artifact, StageResult
+    from wattflow.stages import Artifact, StageResult, VariantFigures
 
     def variant(name):
         energy = EnergyResult(name, 1.0, (DeviceEnergy("cpu:process-tree", 2.0, "estimated:cpu-time"),))
@@ -83,9 +83,10 @@ def test_summary_rows_carry_the_accuracy_delta_and_the_terminal_table_stars_the_
                            artifact=Artifact(path="/nonexistent", format="torch", sha256="0" * 64))
 
     figures = {"size_bytes": 1000, "size_lzma_bytes": 800, "nonzero_params": 10, "deployable_bytes": 900,
-               "latency_b1_s": 2e-5, "energy_per_1k_inferences.method": "estimated:cpu-time"}
+               "latency_s": {1: 2e-5}, "energy_method": "estimated:cpu-time"}
     rows = summary_rows([variant("train"), variant("int8")],
-                        [{**figures, "accuracy": 0.9722}, {**figures, "accuracy": 0.9694}])
+                        [VariantFigures(**figures, scores={"accuracy": 0.9722}),
+                         VariantFigures(**figures, scores={"accuracy": 0.9694})])
     assert rows[0]["delta_accuracy_points"] == 0.0 and rows[1]["delta_accuracy_points"] == -0.28
     console = Console(width=200, record=True, color_system="truecolor", file=io.StringIO())
     console.print(rich_table(rows, champion="int8"))

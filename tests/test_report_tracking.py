@@ -4,7 +4,7 @@ from mlflow.tracking import MlflowClient
 from wattflow.config import EnergyConfig
 from wattflow.energy import DeviceEnergy, EnergyResult
 from wattflow.report import rich_table, sig, summary_rows
-from wattflow.stages import Artifact, StageResult
+from wattflow.stages import Artifact, StageResult, VariantFigures
 from wattflow.tracking import Tracker, flatten, record_stage
 
 
@@ -15,20 +15,30 @@ def variant(name: str, energy_j: float | None) -> StageResult:
                        artifact=Artifact(path="/nonexistent", format="torch", sha256="0" * 64))
 
 
-FIGURES = {"accuracy": 0.97, "size_bytes": 1000, "size_lzma_bytes": 800, "nonzero_params": 10, "deployable_bytes": 900,
-           "latency_b1_s": 2e-5, "latency_b256_s": 1e-3, "energy_per_1k_inferences.method": "estimated:cpu-time"}
+FIGURES = {"scores": {"accuracy": 0.97}, "size_bytes": 1000, "size_lzma_bytes": 800, "nonzero_params": 10,
+           "deployable_bytes": 900, "latency_s": {1: 2e-5, 256: 1e-3}, "energy_method": "estimated:cpu-time"}
 
 
 def test_small_figures_keep_their_digits_and_unknown_is_never_zero():
     assert sig(0.0123456) == 0.01235 and sig(None) == "unknown"
     second = {**FIGURES, "size_bytes": 500, "deployable_bytes": 300}
     rows = summary_rows([variant("train", 0.004), variant("bf16", None)],
-                        [{**FIGURES, "energy_per_1k_inferences_j": 1e-3}, second])
+                        [VariantFigures(**FIGURES, energy_per_1k_inferences_j=1e-3), VariantFigures(**second)])
     assert rows[0]["stage_energy_j"] == 0.004 and rows[0]["energy_per_1k_inferences_j"] == 0.001
     assert rows[1]["stage_energy_j"] == "unknown" and rows[1]["stage_energy_method"] == "unavailable"
     assert rows[1]["energy_per_1k_inferences_j"] == "unknown" and rows[1]["size_vs_train_file"] == 0.5
     assert rows[0]["latency_b1_ms"] == 0.02 and rows[1]["deployable_compression_ratio"] == 3.0
     assert rich_table(rows).row_count == 2
+    assert [c.header for c in rich_table(rows).columns][6:8] == ["b1 ms", "b256 ms"]  # one per batch size
+
+
+def test_variant_figures_log_known_values_as_metrics_and_labels_as_tags():
+    f = VariantFigures(**FIGURES, deployable_identical=True, energy_flags=("below_resolution",))
+    metrics, tags = f.mlflow_metrics(), f.mlflow_tags()
+    assert metrics["accuracy"] == 0.97 and metrics["latency_b256_s"] == 1e-3 and metrics["deployable_identical"] == 1.0
+    assert "energy_per_1k_inferences_j" not in metrics and "param_count" not in metrics  # unknown: left out, not 0
+    assert tags == {"eval.energy_per_1k_inferences.method": "estimated:cpu-time",
+                    "eval.energy_per_1k_inferences.flags": "below_resolution"}
 
 
 @pytest.fixture

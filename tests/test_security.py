@@ -15,7 +15,7 @@ from mlflow.tracking import MlflowClient
 from wattflow.config import EnergyConfig, parse_config
 from wattflow.energy import DeviceEnergy, EnergyResult
 from wattflow.models import CheckpointError, build_model, default_spec, load_checkpoint, save_checkpoint
-from wattflow.stages import Artifact, StageResult
+from wattflow.stages import Artifact, StageResult, VariantFigures
 from wattflow.tracking import JOURNAL_NAME, STAGE_TAG, Tracker, record_evaluation, record_stage
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -125,7 +125,8 @@ def test_secrets_never_reach_mlflow_params_tags_artifacts_or_the_journal(tmp_pat
                      params=cfg.model_dump()) as parent:
         trained = record_stage(tracker, parent, "train", "train", lambda: tiny_stage(checkpoint), cfg.energy,
                                log_model=False)
-        record_evaluation(tracker, trained.mlflow_run_id, {"accuracy": 0.9, "endpoint": DB_URL})
+        record_evaluation(tracker, trained.mlflow_run_id,
+                          VariantFigures(scores={"accuracy": 0.9}, deployable_path=DB_URL))
 
         def leaky_failure():
             raise ConnectionError(f"could not reach {DB_URL} (token {SECRET_TOKEN})")

@@ -11,6 +11,7 @@ from wattflow.select import (
     pareto_front,
     select_champion,
 )
+from wattflow.stages import VariantFigures
 from wattflow.workloads import workload_for
 
 U = "unknown"
@@ -173,12 +174,12 @@ def test_select_config_bounds_and_defaults():
 
 def test_exact_rows_decide_what_rounding_would_tie():
     rows = [baseline(0.9722, energy=0.07), row("a", 0.9722, energy=0.0157), row("b", 0.9722, energy=0.0157)]
-    figures = [{"accuracy": 0.97222, "energy_per_1k_inferences_j": 0.0701, "deployable_bytes": 130_000,
-                "latency_b1_s": 9e-5, "latency_b256_s": 4e-3},
-               {"accuracy": 0.97222, "energy_per_1k_inferences_j": 0.015712, "deployable_bytes": 40_000,
-                "latency_b1_s": 5e-5},  # no b256 timing
-               {"accuracy": 0.97222, "energy_per_1k_inferences_j": 0.015688, "deployable_bytes": 40_000,
-                "latency_b1_s": 5e-5, "latency_b256_s": 1e-3}]
+    figures = [VariantFigures(scores={"accuracy": 0.97222}, energy_per_1k_inferences_j=0.0701,
+                              deployable_bytes=130_000, latency_s={1: 9e-5, 256: 4e-3}),
+               VariantFigures(scores={"accuracy": 0.97222}, energy_per_1k_inferences_j=0.015712,
+                              deployable_bytes=40_000, latency_s={1: 5e-5}),  # no b256 timing
+               VariantFigures(scores={"accuracy": 0.97222}, energy_per_1k_inferences_j=0.015688,
+                              deployable_bytes=40_000, latency_s={1: 5e-5, 256: 1e-3})]
     assert select_champion(rows).champion == "a"  # rounded: a tie, table order decides
     exact = exact_rows(rows, figures)
     assert select_champion(exact).champion == "b"

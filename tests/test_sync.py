@@ -20,7 +20,7 @@ from mlflow.tracking import MlflowClient
 from wattflow.config import EnergyConfig
 from wattflow.energy import DeviceEnergy, EnergyResult
 from wattflow.models import build_model, default_spec, save_checkpoint
-from wattflow.stages import Artifact, StageResult
+from wattflow.stages import Artifact, StageResult, VariantFigures
 from wattflow.sync import main as sync_main
 from wattflow.sync import sync
 from wattflow.tracking import JOURNAL_NAME, OFFLINE_PREFIX, STAGE_TAG, Journal, Tracker, record_evaluation, record_stage
@@ -96,7 +96,7 @@ def test_writes_during_an_outage_are_synced_once_into_the_right_runs(tmp_path, c
 
         with caplog.at_level(logging.WARNING, logger="wattflow.tracking"):
             later = Tracker(uri, journal_dir=run_dir)  # a task's own tracker: offline too, once detected
-            record_evaluation(later, train.mlflow_run_id, {"accuracy": 0.91, "energy_per_1k_inferences.method": "x"})
+            record_evaluation(later, train.mlflow_run_id, VariantFigures(scores={"accuracy": 0.91}, energy_method="x"))
             pruned = record_stage(later, parent, "prune-0.5", "prune", lambda: stage("prune-0.5", checkpoint, 1.0),
                                   energy_cfg)
             with pytest.raises(RuntimeError, match="quantizer crashed"):

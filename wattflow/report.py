@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from rich.table import Table
 
-from wattflow.stages import StageResult
+from wattflow.stages import StageResult, VariantFigures
 
 UNKNOWN = "unknown"
 
@@ -14,48 +14,65 @@ def sig(x: float | None, digits: int = 4) -> float | str:
     return UNKNOWN if x is None else float(f"{x:.{digits}g}")
 
 
-def summary_rows(variants: list[StageResult], figures: list[dict]) -> list[dict]:
-    """The first variant is the trained model: size ratios are against its serialized file."""
-    baseline_bytes = figures[0]["size_bytes"]
-    baseline_deployable = figures[0]["deployable_bytes"]
-    baseline_accuracy = figures[0]["accuracy"]
+def _ratio(a: float | None, b: float | None) -> float | None:
+    return None if a is None or not b else a / b
+
+
+def _times(x: float | None, k: float) -> float | None:
+    return None if x is None else x * k
+
+
+def summary_rows(variants: list[StageResult], figures: list[VariantFigures]) -> list[dict]:
+    """The first variant is the trained model: size ratios are against its serialized file. One latency column
+    per batch size evaluated."""
+    base = figures[0]
+    batch_sizes = sorted({b for f in figures for b in f.latency_s})
     rows = []
     for v, f in zip(variants, figures, strict=True):
         energy = v.energy_result
+        accuracy = f.accuracy
         rows.append({
             "variant": v.name,
             "stage": v.stage,
             "chain": " -> ".join(v.chain),
-            "accuracy": sig(f["accuracy"]),
+            "accuracy": sig(accuracy),
             # Absolute percentage points vs the trained model (-0.28: 0.28 points less accurate).
-            "delta_accuracy_points": sig((f["accuracy"] - baseline_accuracy) * 100.0, 3),
-            "size_bytes": f["size_bytes"],
-            "size_vs_train_file": sig(f["size_bytes"] / baseline_bytes, 3),
-            "size_lzma_bytes": f["size_lzma_bytes"],
-            "deployable_bytes": f["deployable_bytes"],
+            "delta_accuracy_points": sig(None if accuracy is None or base.accuracy is None
+                                         else (accuracy - base.accuracy) * 100.0, 3),
+            "size_bytes": f.size_bytes if f.size_bytes is not None else UNKNOWN,
+            "size_vs_train_file": sig(_ratio(f.size_bytes, base.size_bytes), 3),
+            "size_lzma_bytes": f.size_lzma_bytes if f.size_lzma_bytes is not None else UNKNOWN,
+            "deployable_bytes": f.deployable_bytes if f.deployable_bytes is not None else UNKNOWN,
             # One definition per ratio, named: deployable bytes of the trained model / of this variant.
-            "deployable_compression_ratio": sig(baseline_deployable / f["deployable_bytes"], 3),
-            "nonzero_params": f["nonzero_params"],
-            "latency_b1_ms": sig(f["latency_b1_s"] * 1e3) if "latency_b1_s" in f else UNKNOWN,
-            "latency_b256_ms": sig(f["latency_b256_s"] * 1e3) if "latency_b256_s" in f else UNKNOWN,
+            "deployable_compression_ratio": sig(_ratio(base.deployable_bytes, f.deployable_bytes), 3),
+            "nonzero_params": f.nonzero_params if f.nonzero_params is not None else UNKNOWN,
+            **{f"latency_b{b}_ms": sig(_times(f.latency_s.get(b), 1e3)) for b in batch_sizes},
             "stage_energy_j": sig(energy.energy_j, 3),
             "stage_energy_method": energy.method,
             "stage_energy_flags": ",".join([*energy.flags, *(["cached"] if v.cached else [])]) or "-",
             "stage_duration_s": sig(energy.duration_s, 3),
-            "energy_per_1k_inferences_j": sig(f.get("energy_per_1k_inferences_j"), 3),
-            "inference_energy_method": f["energy_per_1k_inferences.method"],
+            "energy_per_1k_inferences_j": sig(f.energy_per_1k_inferences_j, 3),
+            "inference_energy_method": f.energy_method,
         })
     return rows
 
 
-# Terminal column -> header: short enough for a 120-column terminal.
+# Terminal column -> header: short enough for a 120-column terminal; a latency column per batch size goes
+# after "deploy x".
 TERMINAL_COLUMNS = {
     "variant": "variant", "accuracy": "test acc", "delta_accuracy_points": "Δ pts", "size_bytes": "file B",
-    "deployable_bytes": "deploy B", "deployable_compression_ratio": "deploy x", "latency_b1_ms": "b1 ms",
-    "latency_b256_ms": "b256 ms",
+    "deployable_bytes": "deploy B", "deployable_compression_ratio": "deploy x",
     "stage_energy_j": "stage J", "stage_duration_s": "stage s", "stage_energy_flags": "stage flags",
     "energy_per_1k_inferences_j": "J/1k inf",
 }
+
+
+def terminal_columns(rows: list[dict]) -> dict[str, str]:
+    latency = sorted((k for k in (rows[0] if rows else {}) if k.startswith("latency_b") and k.endswith("_ms")),
+                     key=lambda k: int(k[len("latency_b"):-len("_ms")]))
+    items = list(TERMINAL_COLUMNS.items())
+    at = [k for k, _ in items].index("deployable_compression_ratio") + 1
+    return dict(items[:at] + [(k, f"b{k[len('latency_b'):-len('_ms')]} ms") for k in latency] + items[at:])
 
 
 CHAMPION_MARK = "★"
@@ -70,10 +87,11 @@ def rich_table(rows: list[dict], title: str = "wattflow variants", champion: str
     if champion is not None:
         caption += f"; {CHAMPION_MARK} champion"
     table = Table(title=title, caption=caption)
-    for key, header in TERMINAL_COLUMNS.items():
+    columns = terminal_columns(rows)
+    for key, header in columns.items():
         table.add_column(header, justify="left" if key == "variant" else "right")
     for row in rows:
-        cells = [str(row.get(key, UNKNOWN)) for key in TERMINAL_COLUMNS]  # rows from older runs lack Δ
+        cells = [str(row.get(key, UNKNOWN)) for key in columns]  # rows from older runs lack Δ
         is_champion = champion is not None and row["variant"] == champion
         if is_champion:
             cells[0] = f"{CHAMPION_MARK} {cells[0]}"

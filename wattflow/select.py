@@ -148,16 +148,16 @@ def select_champion(rows: list[dict], accuracy_budget_points: float = 0.5,
         reason=reason)
 
 
-def exact_rows(rows: list[dict], figures: list[dict]) -> list[dict]:
-    """`rows` with the selection's figures replaced by the unrounded ones from `evaluate_variant` (the rows
-    show 3-4 significant digits): the choice then matches what the MLflow metrics say, even at a tie or at
-    the budget's edge. Missing figures become "unknown"."""
-    def exact(f: dict, key: str, scale: float = 1.0):
-        return f[key] * scale if isinstance(f.get(key), int | float) else UNKNOWN
+def exact_rows(rows: list[dict], figures: list) -> list[dict]:
+    """`rows` with the selection's figures replaced by the unrounded ones from `evaluate_variant` (a
+    `wattflow.stages.VariantFigures` each; the rows show 3-4 significant digits): the choice then matches what
+    the MLflow metrics say, even at a tie or at the budget's edge. Unknown figures become "unknown"."""
+    def exact(value: float | None, scale: float = 1.0):
+        return UNKNOWN if value is None else value * scale
 
-    return [{**r, "accuracy": exact(f, "accuracy"), "energy_per_1k_inferences_j": exact(f, ENERGY_FIGURE),
-             "deployable_bytes": exact(f, "deployable_bytes"), "latency_b1_ms": exact(f, "latency_b1_s", 1e3),
-             "latency_b256_ms": exact(f, "latency_b256_s", 1e3)} for r, f in zip(rows, figures, strict=True)]
+    return [{**r, "accuracy": exact(f.accuracy), "energy_per_1k_inferences_j": exact(f.energy_per_1k_inferences_j),
+             "deployable_bytes": exact(f.deployable_bytes), "latency_b1_ms": exact(f.latency_s.get(1), 1e3),
+             "latency_b256_ms": exact(f.latency_s.get(256), 1e3)} for r, f in zip(rows, figures, strict=True)]
 
 
 def comparison_names(rows: list[dict], selection: Selection) -> list[str]:

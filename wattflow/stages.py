@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Literal
 
 import numpy as np
-from pydantic import BaseModel
+from pydantic import BaseModel, ConfigDict
 
 from wattflow.chains import PlannedStep
 from wattflow.compress.distill import distill_checkpoint
@@ -49,6 +49,53 @@ class StageResult(BaseModel):
     @property
     def energy_result(self) -> EnergyResult:
         return EnergyResult.from_dict(self.energy)
+
+
+class VariantFigures(BaseModel):
+    """What evaluation measured of one variant; None is unknown (never 0). Formatted only at the edges: the
+    summary rows and table (`wattflow.report`), MLflow metrics and tags (`mlflow_metrics`, `mlflow_tags`)."""
+
+    model_config = ConfigDict(frozen=True)
+
+    scores: dict[str, float] = {}                 # the workload's metrics ("accuracy" for classification)
+    test_samples: int | None = None
+    latency_s: dict[int, float] = {}              # batch size -> median seconds per call
+    energy_per_1k_inferences_j: float | None = None
+    energy_method: str = "unavailable"
+    energy_flags: tuple[str, ...] = ()
+    inferences_measured: int | None = None
+    throughput_per_s: float | None = None
+    param_count: int | None = None
+    nonzero_params: int | None = None
+    dense_bytes: int | None = None
+    size_bytes: int | None = None                 # the serialized file as written
+    size_lzma_bytes: int | None = None
+    deployable_bytes: int | None = None
+    deployable_path: str | None = None
+    deployable_identical: bool | None = None      # None: the deployable is the file itself (nothing to check)
+
+    @property
+    def accuracy(self) -> float | None:
+        return self.scores.get("accuracy")
+
+    def mlflow_metrics(self) -> dict[str, float]:
+        numbers = {**self.scores, "test_samples": self.test_samples,
+                   **{f"latency_b{b}_s": v for b, v in self.latency_s.items()},
+                   "energy_per_1k_inferences_j": self.energy_per_1k_inferences_j,
+                   "inferences_measured": self.inferences_measured, "throughput_per_s": self.throughput_per_s,
+                   "param_count": self.param_count, "nonzero_params": self.nonzero_params,
+                   "dense_bytes": self.dense_bytes, "size_bytes": self.size_bytes,
+                   "size_lzma_bytes": self.size_lzma_bytes, "deployable_bytes": self.deployable_bytes,
+                   "deployable_identical": None if self.deployable_identical is None
+                   else float(self.deployable_identical)}
+        return {k: float(v) for k, v in numbers.items() if v is not None}
+
+    def mlflow_tags(self) -> dict[str, str]:
+        tags = {"eval.energy_per_1k_inferences.method": self.energy_method,
+                "eval.energy_per_1k_inferences.flags": ",".join(self.energy_flags) or "none"}
+        if self.deployable_path is not None:
+            tags["eval.deployable.path"] = self.deployable_path
+        return tags
 
 
 def train_stage(cfg: PipelineConfig, out_dir: Path, meter: EnergyMeter,
@@ -124,7 +171,7 @@ def kept_layer_names(workload, checkpoint: str) -> tuple[str, ...]:
     return tuple(names[m] for m in workload.keep_layers(model))
 
 
-def inference_energy(cfg: PipelineConfig, name: str, predict, x, meter: EnergyMeter) -> dict[str, float | str]:
+def inference_energy(cfg: PipelineConfig, name: str, predict, x, meter: EnergyMeter) -> dict:
     """Energy per 1k inferences at batch 256 after a warm-up, repeating batches until the window holds at
     least `eval.energy_inferences` and lasts `eval.energy_min_window_s` (short windows sit at the counter's
     resolution; the meter flags `below_resolution` when they still do)."""
@@ -135,17 +182,13 @@ def inference_energy(cfg: PipelineConfig, name: str, predict, x, meter: EnergyMe
         while n < cfg.eval.energy_inferences or time.perf_counter() - started < cfg.eval.energy_min_window_s:
             n += run_inferences(predict, x, 256 * 16)
     energy = w.result
-    figures: dict[str, float | str] = {
-        "inferences_measured": n, "throughput_per_s": n / energy.duration_s,
-        "energy_per_1k_inferences.method": energy.method,
-        "energy_per_1k_inferences.flags": ",".join(energy.flags) or "none"}
-    if energy.energy_j is not None:
-        figures["energy_per_1k_inferences_j"] = energy.energy_j / n * 1e3
-    return figures
+    return {"inferences_measured": n, "throughput_per_s": n / energy.duration_s if energy.duration_s else None,
+            "energy_method": energy.method, "energy_flags": tuple(energy.flags),
+            "energy_per_1k_inferences_j": None if energy.energy_j is None else energy.energy_j / n * 1e3}
 
 
 def evaluate_variant(cfg: PipelineConfig, variant: StageResult, deploy_dir: Path,
-                     meter: EnergyMeter) -> dict[str, float | str]:
+                     meter: EnergyMeter) -> VariantFigures:
     """Test accuracy, latency per batch size, energy per inference, every size definition, and the deployable
     artifact (checked to predict exactly as the variant), measured with the runtime the variant deploys on,
     one thread (cfg.eval.threads)."""
@@ -155,23 +198,20 @@ def evaluate_variant(cfg: PipelineConfig, variant: StageResult, deploy_dir: Path
     if sha256_file(art.path) != art.sha256:
         raise ValueError(f"{art.path} changed since its stage wrote it (sha256 mismatch)")
     predict = load_predictor(art.path, art.format, cfg.eval.threads)
-    figures: dict[str, float | str] = dict(workload.score(predict, test))
-    figures["test_samples"] = len(test)
+    scores = workload.score(predict, test)
     # Timing and energy batches: real test inputs (up to the largest batch), tiled when the split is smaller.
     timing_x = first_samples(test, max(256, *cfg.eval.batch_sizes))
-    for batch in cfg.eval.batch_sizes:
-        figures[f"latency_b{batch}_s"] = median_latency_s(predict, timing_x, batch, cfg.eval.repeats,
-                                                          cfg.eval.warmup)
-    figures.update(inference_energy(cfg, variant.name, predict, timing_x, meter))
+    latency_s = {b: median_latency_s(predict, timing_x, b, cfg.eval.repeats, cfg.eval.warmup)
+                 for b in cfg.eval.batch_sizes}
+    energy = inference_energy(cfg, variant.name, predict, timing_x, meter)
     sizes = size_metrics(art.path, art.format)
-    figures.update({"param_count": sizes["param_count"], "nonzero_params": sizes["nonzero_params"],
-                    "dense_bytes": sizes["dense_bytes"], "size_bytes": sizes["file_bytes"],
-                    "size_lzma_bytes": sizes["lzma_bytes"]})
     deploy_path, deploy_bytes = deployable_artifact(art.path, art.format, deploy_dir)
-    figures["deployable_bytes"] = deploy_bytes
-    figures["deployable.path"] = deploy_path
+    identical = None
     if deploy_path != art.path:  # a packed file: it must give exactly the variant's outputs
         deployed = load_predictor(deploy_path, "packed", cfg.eval.threads)
-        figures["deployable_identical"] = float(all(np.array_equal(deployed(xb), predict(xb))
-                                                    for xb, _ in batches(test, 512)))
-    return figures
+        identical = all(np.array_equal(deployed(xb), predict(xb)) for xb, _ in batches(test, 512))
+    return VariantFigures(scores=scores, test_samples=len(test), latency_s=latency_s, **energy,
+                          param_count=sizes["param_count"], nonzero_params=sizes["nonzero_params"],
+                          dense_bytes=sizes["dense_bytes"], size_bytes=sizes["file_bytes"],
+                          size_lzma_bytes=sizes["lzma_bytes"], deployable_bytes=deploy_bytes,
+                          deployable_path=deploy_path, deployable_identical=identical)

@@ -412,8 +412,6 @@ class Tracker:
                 dtype = np.float32 if "float" in spec_in.type else np.int64
                 example = np.zeros([2, *spec_in.shape[1:]], dtype=dtype)
                 output = session.run(None, {spec_in.name: example})[0]
-                # MLflow suggests type hints on predict for automatic signatures: the signature here is explicit.
-                warnings.filterwarnings("ignore", message=".*Add type hints to the `predict` method.*")
                 mlflow.pyfunc.log_model(name="model", python_model=str(ONNX_SCORES_CODE), artifacts={"onnx": path},
                                         input_example=example, signature=infer_signature(example, output),
                                         pip_requirements=pip_requirements("onnx", "onnxruntime"))
@@ -481,10 +479,11 @@ def log_reused_energy(tracker: Tracker, run_id: str, result, energy_cfg: EnergyC
                               "energy.scope": f"reused: spent by flow run {producer}, not this one"})
 
 
-def record_evaluation(tracker: Tracker, run_id: str, figures: dict[str, float | str]) -> None:
-    """Evaluation figures go on the run of the variant they describe (logging to a finished run is allowed)."""
-    tracker.log_metrics(run_id, {k: v for k, v in figures.items() if not isinstance(v, str)})
-    tracker.set_tags(run_id, {f"eval.{k}": v for k, v in figures.items() if isinstance(v, str)})
+def record_evaluation(tracker: Tracker, run_id: str, figures) -> None:
+    """Evaluation figures (a `wattflow.stages.VariantFigures`) go on the run of the variant they describe
+    (logging to a finished run is allowed); unknown figures are left out, never logged as 0."""
+    tracker.log_metrics(run_id, figures.mlflow_metrics())
+    tracker.set_tags(run_id, figures.mlflow_tags())
 
 
 def record_ratios(tracker: Tracker, variants, rows: list[dict]) -> None:

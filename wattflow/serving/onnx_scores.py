@@ -4,10 +4,15 @@ MLflow copies this file into the logged model and runs it at load time (models f
 so it imports only what the serving environment has: mlflow, numpy, onnxruntime.
 """
 
+import warnings
+
 import mlflow
 import numpy as np
 import onnxruntime as ort
 from mlflow.pyfunc import PythonModel
+
+# MLflow suggests type hints on predict for automatic signatures; the logged model's signature is explicit.
+warnings.filterwarnings("ignore", message=".*Add type hints to the `predict` method.*")
 
 
 class OnnxScores(PythonModel):
