@@ -22,10 +22,19 @@ from pydantic import (
     model_validator,
 )
 
-# onnx-*: ONNX Runtime; bf16: a torch cast; int8-weights / kmeans-4bit: weights snapped to an int8 grid or to
-# 16 shared values (Deep Compression's weight sharing), deployed in wattflow's packed format.
-QuantBackend = Literal["onnx-int8-static", "onnx-int8-dynamic", "bf16", "int8-weights", "kmeans-4bit",
-                       "torchao-int8-dynamic", "torchao-int8-weight-only", "torchao-fp8"]
+
+def _registered_backend(v: str) -> str:
+    from wattflow.compress.backends import QUANT_BACKENDS  # the registry (each backend registers itself)
+
+    if v not in QUANT_BACKENDS:
+        raise ValueError(f"unknown quantization backend {v!r}; allowed: "
+                         + ", ".join(repr(n) for n in QUANT_BACKENDS.names()))
+    return v
+
+
+# A name registered in wattflow.compress.backends: onnx-int8-static, onnx-int8-dynamic (ONNX Runtime), bf16,
+# int8-weights / kmeans-4bit (packed weight grids), torchao-int8-dynamic, torchao-int8-weight-only, torchao-fp8.
+QuantBackend = Annotated[str, AfterValidator(_registered_backend)]
 
 
 class _Section(BaseModel):
