@@ -87,7 +87,7 @@ test: setup state
 	$(PY) -m pytest
 
 lint: setup
-	$(VENV)/bin/ruff check wattflow flows tasks tests bench
+	$(VENV)/bin/ruff check wattflow flows tasks tests bench examples
 
 bench: setup
 	$(PY) -m bench.run $(if $(filter quick,$(BENCH)),--quick)

@@ -49,8 +49,7 @@ def run_bare(config: str, out: Path) -> None:
     """The pipeline's work without Prefect or MLflow: what `flows.pipeline.pipeline` runs, as plain calls."""
     from wattflow import stages
     from wattflow.chains import plan
-    from wattflow.compress.quantize import backend_available
-    from wattflow.config import QuantizeStep, load_config
+    from wattflow.config import load_config
     from wattflow.energy import make_meter
     from wattflow.figures import comparison_csv, pareto_png
     from wattflow.report import summary_rows
@@ -67,7 +66,7 @@ def run_bare(config: str, out: Path) -> None:
         for planned in plan(cfg.chains):
             source = outputs[planned.parent]
             step = planned.step
-            if source is None or (isinstance(step, QuantizeStep) and not backend_available(step.backend)[0]):
+            if source is None or not step.available()[0]:
                 outputs[planned.key] = None
                 continue
             outputs[planned.key] = stages.step_stage(cfg, planned, source, run_dir / step.kind, make_meter(cfg.energy))

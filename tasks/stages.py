@@ -20,8 +20,7 @@ from tasks.multinode import train_multinode
 from tasks.progress import TrainingProgress, training_reused
 from wattflow import stages
 from wattflow.chains import PlannedStep
-from wattflow.compress.quantize import backend_available
-from wattflow.config import PipelineConfig, QuantizeStep
+from wattflow.config import PipelineConfig
 from wattflow.energy import make_meter
 from wattflow.models import sha256_file
 from wattflow.provenance import step_cache_key, train_cache_key
@@ -107,12 +106,11 @@ def compress(cfg: PipelineConfig, parent_run_id: str, run_dir: str, source: Stag
     if source is None:
         return None
     step = planned.step
-    if isinstance(step, QuantizeStep):
-        ok, reason = backend_available(step.backend)
-        if not ok:
-            get_run_logger().warning("skipping %s: %s", planned.name, reason)
-            Tracker(journal_dir=run_dir).set_tag(parent_run_id, f"skipped.{planned.name}", reason)
-            return None
+    ok, reason = step.available()
+    if not ok:
+        get_run_logger().warning("skipping %s: %s", planned.name, reason)
+        Tracker(journal_dir=run_dir).set_tag(parent_run_id, f"skipped.{planned.name}", reason)
+        return None
     out_dir = str(Path(run_dir) / step.kind)
     return tag_cache(record_stage(Tracker(journal_dir=run_dir), parent_run_id, planned.name, step.kind,
                                   lambda: run_cached(build_variant, cfg, planned, source, out_dir), cfg.energy),

@@ -303,17 +303,17 @@ def test_a_nan_loss_stops_training_with_the_epoch_and_the_fix(tmp_path, monkeypa
 def test_a_failing_later_stage_leaves_runs_failed_and_training_kept(tmp_path, monkeypatch):
     from prefect.testing.utilities import prefect_test_harness
 
-    import wattflow.stages
+    import wattflow.compress.quantize
     from flows.pipeline import pipeline
 
-    real_quantize = wattflow.stages.quantize_checkpoint
+    real_quantize = wattflow.compress.quantize.quantize_checkpoint
 
     def fed_a_truncated_checkpoint(ckpt_path, *args, **kwargs):
         cut = tmp_path / "cut.pt"
         cut.write_bytes(Path(ckpt_path).read_bytes()[:1000])
         return real_quantize(cut, *args, **kwargs)
 
-    monkeypatch.setattr(wattflow.stages, "quantize_checkpoint", fed_a_truncated_checkpoint)
+    monkeypatch.setattr(wattflow.compress.quantize, "quantize_checkpoint", fed_a_truncated_checkpoint)
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     monkeypatch.setenv("PREFECT_HOME", str(tmp_path / "prefect"))

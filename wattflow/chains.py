@@ -8,9 +8,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from wattflow.config import ChainConfig, DistillStep, PruneStep, QuantizeStep, step_label
-
-Step = PruneStep | QuantizeStep | DistillStep
+from wattflow.config import ChainConfig
+from wattflow.steps import Step
 
 
 @dataclass(frozen=True)
@@ -33,7 +32,7 @@ def plan(chains: list[ChainConfig]) -> list[PlannedStep]:
     for chain in chains:
         key: tuple[str, ...] = ()
         for step in chain.steps:
-            key = (*key, step_label(step))
+            key = (*key, step.label())
             existing = planned.get(key)
             if existing is not None and existing.step != step:
                 raise ValueError(f"two different steps share the label {'+'.join(key)!r}")

@@ -7,7 +7,7 @@ their descriptions and bounds) as the run form. Recipes are YAML files of the sa
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, Union
 
 import yaml
 from pydantic import (
@@ -22,19 +22,13 @@ from pydantic import (
     model_validator,
 )
 
+from wattflow.steps import STEPS, parse_step
+from wattflow.steps import Step as StepBase
+from wattflow.steps.distill import DistillStep
+from wattflow.steps.prune import PruneStep
+from wattflow.steps.quantize import QuantBackend, QuantizeStep
 
-def _registered_backend(v: str) -> str:
-    from wattflow.compress.backends import QUANT_BACKENDS  # the registry (each backend registers itself)
-
-    if v not in QUANT_BACKENDS:
-        raise ValueError(f"unknown quantization backend {v!r}; allowed: "
-                         + ", ".join(repr(n) for n in QUANT_BACKENDS.names()))
-    return v
-
-
-# A name registered in wattflow.compress.backends: onnx-int8-static, onnx-int8-dynamic (ONNX Runtime), bf16,
-# int8-weights / kmeans-4bit (packed weight grids), torchao-int8-dynamic, torchao-int8-weight-only, torchao-fp8.
-QuantBackend = Annotated[str, AfterValidator(_registered_backend)]
+__all__ = ["DistillStep", "PruneStep", "QuantBackend", "QuantizeStep", "parse_step"]  # re-exported
 
 
 class _Section(BaseModel):
@@ -177,45 +171,17 @@ class DistillConfig(_Section):
                          "the hard-label loss.")
 
 
-class PruneStep(_Section):
-    kind: Literal["prune"] = "prune"
-    method: Literal["unstructured", "structured"] = Field(
-        "unstructured", description="unstructured: zero the smallest weights (global L1); structured: remove "
-        "whole neurons/channels (torch-pruning), so the dense model shrinks.")
-    sparsity: float = Field(gt=0.0, lt=1.0, description="Share of weights zeroed (unstructured) or of "
-                            "channels removed (structured).")
+# A chain's link: one of the step kinds registered in wattflow.steps (prune, distill, quantize), by "kind".
+Step = Annotated[Union[tuple(STEPS.get(kind) for kind in STEPS.names())],  # noqa: UP007 (a runtime tuple)
+                 Field(discriminator="kind")]
 
 
-class QuantizeStep(_Section):
-    kind: Literal["quantize"] = "quantize"
-    backend: QuantBackend = Field(description="onnx-*: ONNX Runtime; bf16: a torch cast; int8-weights / "
-                                  "kmeans-4bit: packed weights; torchao-*: torchao (some need CUDA).")
+def step_label(step: StepBase) -> str:
+    return step.label()
 
 
-class DistillStep(_Section):
-    kind: Literal["distill"] = "distill"
-
-
-Step = Annotated[PruneStep | QuantizeStep | DistillStep, Field(discriminator="kind")]
-
-
-def step_label(step: PruneStep | QuantizeStep | DistillStep) -> str:
-    if isinstance(step, PruneStep):
-        return f"{'prune' if step.method == 'unstructured' else 'channels'}-{step.sparsity:g}"
-    if isinstance(step, QuantizeStep):
-        return step.backend
-    return "distill"
-
-
-def parse_step(token: str) -> dict:
-    """Compact form: "prune:0.9", "channels:0.5" (structured), "distill", or a quantize backend name."""
-    name, _, arg = token.strip().partition(":")
-    if name in ("prune", "channels"):
-        return {"kind": "prune", "method": "unstructured" if name == "prune" else "structured",
-                "sparsity": arg or None}
-    if name == "distill":
-        return {"kind": "distill"}
-    return {"kind": "quantize", "backend": name}
+def compact_step(step: StepBase) -> str:
+    return step.compact()
 
 
 class ChainConfig(_Section):
@@ -234,11 +200,11 @@ class ChainConfig(_Section):
     @field_validator("steps")
     @classmethod
     def _order(cls, steps: list) -> list:
-        kinds = [s.kind for s in steps]
-        if "quantize" in kinds[:-1]:
-            raise ValueError("a quantize step can only be the last step of a chain")
-        if "distill" in kinds[1:]:
-            raise ValueError("a distill step can only be the first step of a chain")
+        for i, step in enumerate(steps):
+            if step.position == "last" and i != len(steps) - 1:
+                raise ValueError(f"a {step.kind} step can only be the last step of a chain")
+            if step.position == "first" and i != 0:
+                raise ValueError(f"a {step.kind} step can only be the first step of a chain")
         return steps
 
     @property
@@ -250,12 +216,6 @@ class ChainConfig(_Section):
         """Dumped in the compact form (exact: floats as repr), which is what recipes, MLflow params and the
         Prefect form show, and which parses back to an equal chain."""
         return " -> ".join(compact_step(s) for s in self.steps)
-
-
-def compact_step(step: PruneStep | QuantizeStep | DistillStep) -> str:
-    if isinstance(step, PruneStep):
-        return f"{'prune' if step.method == 'unstructured' else 'channels'}:{step.sparsity!r}"
-    return step.backend if isinstance(step, QuantizeStep) else "distill"
 
 
 # The Prefect form and the server's parameter check read this schema: a chain is typed as its compact string

@@ -84,10 +84,9 @@ def train_cache_key(cfg: PipelineConfig) -> str:
 
 
 def step_cache_key(cfg: PipelineConfig, planned: PlannedStep, source_sha256: str) -> str:
-    """One chain step on one input checkpoint, with the settings of every step kind (a superset: cheap to
-    over-invalidate, wrong to under-invalidate)."""
-    settings = {**cfg.model_dump(include={"prune", "quantize", "distill"}), "data": data_identity(cfg),
+    """One chain step on one input checkpoint: the step, the settings its kind says its output depends on, the
+    data and the user's code."""
+    settings = {**planned.step.settings(cfg), "data": data_identity(cfg),
                 "user_code": code_identity(cfg.distill.student_model, cfg.data.dataset)}
-    settings["train"] = {"batch_size": cfg.train.batch_size, "seed": cfg.train.seed}
     return _key(planned.step.kind, {"step": planned.step.model_dump(), "name": planned.name,
                                     "source_sha256": source_sha256, "settings": settings})

@@ -4,7 +4,6 @@ Prefect tasks wrap these; MLflow logging lives in `wattflow.tracking`."""
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -14,11 +13,8 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict
 
 from wattflow.chains import PlannedStep
-from wattflow.compress.distill import distill_checkpoint
 from wattflow.compress.pack import deployable_artifact
-from wattflow.compress.prune import prune_checkpoint
-from wattflow.compress.quantize import quantize_checkpoint
-from wattflow.config import PipelineConfig, PruneStep, QuantizeStep
+from wattflow.config import PipelineConfig
 from wattflow.data import batches, first_samples
 from wattflow.distributed import launch_training
 from wattflow.energy import EnergyMeter, EnergyResult
@@ -115,53 +111,14 @@ def train_stage(cfg: PipelineConfig, out_dir: Path, meter: EnergyMeter,
 
 def step_stage(cfg: PipelineConfig, planned: PlannedStep, source: StageResult, out_dir: Path,
                meter: EnergyMeter) -> StageResult:
-    """Run one step of a chain on `source` (the trained model or the previous step's output).
-    Raises `BackendUnavailable` when a quantize backend cannot run here (the caller skips it)."""
+    """Run one step of a chain on `source` (the trained model or the previous step's output): the step kind's
+    own `run` (wattflow.steps). Raises `BackendUnavailable` when a quantize backend cannot run here (the caller
+    skips it)."""
     step = planned.step
     with meter.window(planned.name) as w:
-        if isinstance(step, PruneStep):
-            artifact, params, metrics = _prune(cfg, step, source, out_dir / f"{planned.name}.pt")
-        elif isinstance(step, QuantizeStep):
-            artifact, params, metrics = _quantize(cfg, step, source, out_dir / planned.name)
-        else:
-            artifact, params, metrics = _distill(cfg, source, out_dir / f"{planned.name}.pt")
+        artifact, params, metrics = step.run(cfg, source, out_dir, planned.name)
     return StageResult(name=planned.name, stage=step.kind, chain=[*source.chain, planned.key[-1]],
                        artifact=artifact, params=params, metrics=metrics, energy=w.result.to_dict())
-
-
-def _prune(cfg: PipelineConfig, step: PruneStep, source: StageResult, out_path: Path):
-    workload = workload_for(cfg)
-    out = prune_checkpoint(source.artifact.path, out_path, step.sparsity, workload.splits.train,
-                           cfg.prune.fine_tune_epochs, cfg.prune.lr, cfg.train.batch_size, cfg.train.seed,
-                           expected_sha256=source.artifact.sha256, method=step.method,
-                           schedule_steps=cfg.prune.schedule_steps, layer_types=tuple(cfg.prune.layer_types),
-                           keep=kept_layer_names(workload, source.artifact.path), loss_fn=workload.loss)
-    params = {"target_sparsity": step.sparsity, "method": f"global-l1-{step.method}",
-              "fine_tune_epochs": cfg.prune.fine_tune_epochs, "schedule_steps": cfg.prune.schedule_steps,
-              "layer_types": ",".join(cfg.prune.layer_types)}
-    metrics = {"sparsity": out.sparsity, "params_after": out.params_after,
-               **{f"sparsity.{k}": v for k, v in out.layer_sparsity.items()},
-               **{f"width.{k}": after for k, (_, after) in (out.layer_width or {}).items()}}
-    return Artifact(path=out.checkpoint, format="torch", sha256=out.sha256), params, metrics
-
-
-def _quantize(cfg: PipelineConfig, step: QuantizeStep, source: StageResult, out_dir: Path):
-    calibration = first_samples(workload_for(cfg).splits.train, cfg.quantize.calibration_samples)
-    out = quantize_checkpoint(source.artifact.path, step.backend, out_dir, calibration)
-    params = {"backend": step.backend, "calibration_samples": cfg.quantize.calibration_samples, "note": out.note}
-    return Artifact(path=out.path, format=out.format, sha256=sha256_file(out.path)), params, {}
-
-
-def _distill(cfg: PipelineConfig, source: StageResult, out_path: Path):
-    d, workload = cfg.distill, workload_for(cfg)
-    splits, spec = workload.splits, workload.student_spec()
-    out = distill_checkpoint(source.artifact.path, out_path, spec, splits.train, splits.val, d.epochs, d.lr,
-                             d.temperature, d.alpha, cfg.train.batch_size, cfg.train.seed,
-                             expected_sha256=source.artifact.sha256)
-    params = {"student": json.dumps(out.student_spec), "epochs": d.epochs, "temperature": d.temperature,
-              "alpha": d.alpha, "lr": d.lr}
-    metrics = {"val_accuracy": out.val_accuracy, "student_params": out.student_params}
-    return Artifact(path=out.checkpoint, format="torch", sha256=out.sha256), params, metrics
 
 
 def kept_layer_names(workload, checkpoint: str) -> tuple[str, ...]:

@@ -40,7 +40,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
-from torch.utils.data import DistributedSampler
+from torch.utils.data import DistributedSampler, Subset
 
 from wattflow.config import DataConfig, PipelineConfig, TrainConfig
 from wattflow.data import loader
@@ -85,6 +85,18 @@ def primary_score(workload: Workload, model: nn.Module, dataset, device: torch.d
     value = workload.score(torch_predictor(model, device), dataset)[workload.primary_metric]
     model.train(was_training)
     return value
+
+
+def sharded_score(workload: Workload, model: nn.Module, dataset, rank: int, world: int,
+                  device: torch.device) -> float:
+    """The primary metric over `dataset`, each rank scoring every world-th sample (a collective: every rank
+    calls it), combined as the mean weighted by shard size: exact for per-sample means such as accuracy. Scoring
+    on rank 0 alone would leave the other ranks idle at the next all-reduce."""
+    shard = Subset(dataset, range(rank, len(dataset), world))
+    value = primary_score(workload, model, shard, device) if len(shard) else 0.0
+    total = torch.tensor([value * len(shard), len(shard)], dtype=torch.float64, device=device)
+    dist.all_reduce(total)
+    return (total[0] / total[1]).item()
 
 
 def write_json(path: Path, data: dict) -> None:
@@ -251,8 +263,8 @@ def main(job_path: str) -> None:
             fail(out_dir, NonFiniteLossError, f"non-finite loss (NaN or inf) at epoch {epoch + 1} {where}; lower "
                  f"train.lr (now {cfg.lr:g}) or raise train.warmup_epochs (now {cfg.warmup_epochs:g}), and check "
                  "the data for NaN/inf values")
+        val_accuracy = sharded_score(workload, model, splits.val, rank, world, device)
         if master_process:
-            val_accuracy = primary_score(workload, model, splits.val, device)
             line = {"epoch": epoch + 1, "epochs": cfg.epochs, "train_loss": (loss_sum[0] / loss_sum[1]).item(),
                     "val_accuracy": val_accuracy, "lr": scheduler.get_last_lr()[0],
                     "elapsed_s": time.perf_counter() - started, "restarts": restarts}
@@ -265,9 +277,9 @@ def main(job_path: str) -> None:
             save_training_state(out_dir / STATE_FILE, model, optimizer, scheduler, epoch + 1, samples_seen, key)
 
     train_s = time.perf_counter() - started
+    if math.isnan(val_accuracy):  # resumed after the last epoch: nothing trained in this attempt
+        val_accuracy = sharded_score(workload, model, splits.val, rank, world, device)
     if master_process:
-        if math.isnan(val_accuracy):  # resumed after the last epoch: nothing trained in this attempt
-            val_accuracy = primary_score(workload, model, splits.val, device)
         meta = {**workload.meta(), "epochs": cfg.epochs, "world_size": world, "val_accuracy": val_accuracy}
         sha = save_checkpoint(out_dir / "model.pt", model, spec, meta)
         write_json(out_dir / "metrics.json", {
