@@ -30,7 +30,7 @@ def test_accuracy(cfg: dict, checkpoint: str) -> float:
 
 
 def run(quick: bool, results: Path) -> list[dict]:
-    epochs = 2 if quick else 4  # several seconds an epoch: training, not start-up, dominates
+    epochs = 2 if quick else 6  # several seconds an epoch: training, not start-up, dominates
     order = [1, 2] if quick else [1, 2, 2, 1, 1, 2]  # ABBA then AB: drift and warm caches hit both alike
     runs: dict[int, list[dict]] = {1: [], 2: []}
     with tempfile.TemporaryDirectory(prefix="wattflow-bench-ddp-") as tmp:

@@ -167,12 +167,12 @@ def test_a_failed_stage_leaves_its_runs_failed_not_running(prefect_server, mlflo
 
 def test_bring_your_own_example_runs_every_chain_and_ships_a_usable_model(prefect_server, mlflow_uri, tmp_path):
     """examples/bring-your-own/recipe.yaml (the user's MyNet from its own file, an RGB image folder), small."""
-    write_digit_images(tmp_path / "images", mode="RGB", size=32, per_class=30)
+    write_digit_images(tmp_path / "images", mode="RGB", size=16, per_class=20)
     recipe = load_config(EXAMPLE / "recipe.yaml").model_dump(mode="json")
     recipe["work_dir"] = str(tmp_path / "artifacts")
-    recipe["data"]["path"] = str(tmp_path / "images")
+    recipe["data"].update(path=str(tmp_path / "images"), image_size=16)
     recipe["train"]["model"]["path"] = recipe["distill"]["student_model"]["path"] = str(EXAMPLE)
-    recipe["train"].update(epochs=3, cpu_ranks=2)
+    recipe["train"].update(epochs=2, cpu_ranks=2)
     recipe["prune"].update(fine_tune_epochs=1, schedule_steps=1)
     recipe["distill"]["epochs"] = 1
     recipe["eval"].update(repeats=2, warmup=1, energy_inferences=256, energy_min_window_s=0.1)
@@ -191,7 +191,7 @@ def test_bring_your_own_example_runs_every_chain_and_ships_a_usable_model(prefec
         assert {"accuracy", "size_bytes", "deployable_bytes"} <= set(run.data.metrics), run.info.run_name
     # the dataset the model was trained on, through MLflow's dataset tracking
     (dataset,) = by_name["train"].inputs.dataset_inputs
-    assert dataset.dataset.name == "images" and '"shape": [-1, 3, 32, 32]' in dataset.dataset.schema
+    assert dataset.dataset.name == "images" and '"shape": [-1, 3, 16, 16]' in dataset.dataset.schema
     # one registered model per dataset; the champion has a signature and returns class scores as an array
     name = "wattflow-images"
     assert result["registered"] and client.get_registered_model(name)
