@@ -216,3 +216,15 @@ def test_imports_point_down_only():
     library = {p.relative_to(ROOT).as_posix() for p in (ROOT / "wattflow").rglob("*.py") if "prefect" in imports_of(p)}
     tasks = {p.name for p in (ROOT / "tasks").glob("*.py") if "flows" in imports_of(p)}
     assert library == set() and tasks == set()
+
+
+def test_ranks_find_data_named_by_a_relative_path(tmp_path, monkeypatch):
+    """torchrun's ranks run in the launch's own directory: a recipe's relative data.path must still resolve."""
+    from wattflow.distributed import launch_training
+
+    write_digit_images(tmp_path / "images", mode="L", size=8, per_class=10)
+    monkeypatch.chdir(tmp_path)
+    cfg = PipelineConfig.model_validate({"data": {"dataset": "image-folder", "path": "images", "image_size": 8},
+                                         "train": {"model": "mlp", "mlp_hidden": [8], "epochs": 1, "cpu_ranks": 1}})
+    out = launch_training(cfg, tmp_path / "run", lambda _: None)
+    assert load_checkpoint(out.checkpoint)[2]["input_shape"] == [1, 8, 8]

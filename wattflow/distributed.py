@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from wattflow.config import PipelineConfig
+from wattflow.config import FactoryRef, PipelineConfig
 from wattflow.models import sha256_file
 from wattflow.workloads import workload_for
 
@@ -223,6 +223,15 @@ def run_torchrun(cmd: list[str], env: dict[str, str], cwd: Path, timeout_s: floa
     return proc.returncode, list(tail), timed_out.is_set()
 
 
+def absolute_paths(cfg: PipelineConfig) -> PipelineConfig:
+    """`cfg` with its data paths made absolute: the ranks run in their own directory, not the caller's."""
+    data = cfg.data
+    update = {"path": str(Path(data.path).resolve())} if data.path else {}
+    if isinstance(data.dataset, FactoryRef) and data.dataset.path:
+        update["dataset"] = data.dataset.model_copy(update={"path": str(Path(data.dataset.path).resolve())})
+    return cfg.model_copy(update={"data": data.model_copy(update=update)}) if update else cfg
+
+
 def launch_training(cfg: PipelineConfig, out_dir: str | Path, log: Callable[[str], None] = print, *,
                     rendezvous: Rendezvous | None = None, resume: bool = False) -> TrainOutput:
     """Train under torchrun on this node; with `rendezvous`, as one node of a multi-node run.
@@ -233,7 +242,7 @@ def launch_training(cfg: PipelineConfig, out_dir: str | Path, log: Callable[[str
         parse_fault(switch)
     out_dir.mkdir(parents=True, exist_ok=True)
     clear_stale_outputs(out_dir, resume)
-    job = {"config": cfg.model_dump(mode="json"), "out_dir": str(out_dir), "device": device,
+    job = {"config": absolute_paths(cfg).model_dump(mode="json"), "out_dir": str(out_dir), "device": device,
            "spec": workload_for(cfg).model_spec()}
     job_path = out_dir / "job.json"
     job_path.write_text(json.dumps(job, indent=2))

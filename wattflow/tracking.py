@@ -51,6 +51,8 @@ ONNX_SCORES_CODE = Path(__file__).resolve().parent / "serving" / "onnx_scores.py
 BATCH_LIMIT = 100  # MLflow's log_batch takes at most 100 params or tags per call
 
 log = logging.getLogger(__name__)
+# MLflow suggests type hints on a pyfunc's predict for automatic signatures; wattflow logs explicit signatures.
+warnings.filterwarnings("ignore", message=r".*Add type hints to the `predict` method")
 
 
 class Float32IO(nn.Module):
