@@ -23,7 +23,6 @@ from pydantic import (
 )
 
 from wattflow.steps import STEPS, parse_step
-from wattflow.steps import Step as StepBase
 from wattflow.steps.distill import DistillStep
 from wattflow.steps.prune import PruneStep
 from wattflow.steps.quantize import QuantBackend, QuantizeStep
@@ -176,14 +175,6 @@ Step = Annotated[Union[tuple(STEPS.get(kind) for kind in STEPS.names())],  # noq
                  Field(discriminator="kind")]
 
 
-def step_label(step: StepBase) -> str:
-    return step.label()
-
-
-def compact_step(step: StepBase) -> str:
-    return step.compact()
-
-
 class ChainConfig(_Section):
     """A variant: steps applied in order to the trained model, e.g. "distill -> prune:0.9 -> int8-weights".
     Chains sharing a prefix share its work: "prune:0.8" is computed once for all chains that start with it."""
@@ -209,13 +200,13 @@ class ChainConfig(_Section):
 
     @property
     def labels(self) -> list[str]:
-        return [step_label(s) for s in self.steps]
+        return [s.label() for s in self.steps]
 
     @model_serializer
     def _as_compact(self) -> str:
         """Dumped in the compact form (exact: floats as repr), which is what recipes, MLflow params and the
         Prefect form show, and which parses back to an equal chain."""
-        return " -> ".join(compact_step(s) for s in self.steps)
+        return " -> ".join(s.compact() for s in self.steps)
 
 
 # The Prefect form and the server's parameter check read this schema: a chain is typed as its compact string
