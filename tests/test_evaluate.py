@@ -4,11 +4,20 @@ import torch
 from helpers import train_briefly
 from torch import nn
 
-from wattflow.compress.pack import deployable_artifact
 from wattflow.compress.quantize import export_onnx, quantize_checkpoint
 from wattflow.data import load_splits
-from wattflow.evaluate import accuracy, load_predictor, median_latency_s, run_inferences, size_metrics
+from wattflow.evaluate import (
+    accuracy,
+    deployable_artifact,
+    load_predictor,
+    median_latency_s,
+    run_inferences,
+    size_metrics,
+)
 from wattflow.models import build_model, default_spec, prunable_modules, save_checkpoint
+from wattflow.models import load_checkpoint as load_checkpoint_model
+from wattflow.runtimes import RUNTIMES, Runtime
+from wattflow.stages import Artifact
 
 
 def zero_smallest_half(model: nn.Module) -> nn.Module:
@@ -143,7 +152,35 @@ def test_a_packed_cnn_predicts_exactly_like_its_checkpoint_and_is_smaller(cnn, b
 
 
 def test_unknown_format_is_refused(cnn):
-    with pytest.raises(ValueError, match="allowed: torch, onnx"):
+    with pytest.raises(ValueError, match="allowed: onnx, packed, torch"):
         load_predictor(cnn["dense"], "tflite")
-    with pytest.raises(ValueError, match="allowed: torch, onnx"):
+    with pytest.raises(ValueError, match="allowed: onnx, packed, torch"):
         size_metrics(cnn["dense"], "tflite")
+    with pytest.raises(ValueError, match="unknown runtime 'tflite'"):
+        Artifact(path=str(cnn["dense"]), format="tflite", sha256="0")
+
+
+def test_a_registered_runtime_is_used_by_every_measurement(cnn, tmp_path, monkeypatch):
+    """Adding a runtime is one class registered in RUNTIMES: predictor, sizes, the deployable and the artifact
+    check then follow it with no other change (here a torch.export program runtime, written as a user would)."""
+
+    class ExportedProgram(Runtime):
+        def predictor(self, path, threads=1, compile=True):
+            module = torch.export.load(str(path)).module()
+            return lambda x: module(torch.from_numpy(x)).detach().numpy()
+
+        def params(self, path):
+            return [(t.detach().numpy(), 0, t.numel() * t.element_size())
+                    for t in torch.export.load(str(path)).state_dict.values()]
+
+    monkeypatch.setitem(RUNTIMES._entries, "exported", ExportedProgram)
+    model = load_checkpoint_model(cnn["dense"])[0]
+    path = tmp_path / "m.pt2"
+    batch = torch.export.Dim("batch")
+    torch.export.save(torch.export.export(model, (torch.zeros(2, 64),), dynamic_shapes=({0: batch},)), str(path))
+    x = load_splits().test.x
+    np.testing.assert_allclose(load_predictor(path, "exported")(x), load_predictor(cnn["dense"], "torch")(x),
+                               rtol=1e-5, atol=1e-5)
+    assert size_metrics(path, "exported")["param_count"] == size_metrics(cnn["dense"], "torch")["param_count"]
+    assert deployable_artifact(path, "exported", tmp_path / "deploy")[:2] == (str(path), "exported")
+    assert Artifact(path=str(path), format="exported", sha256="0").format == "exported"

@@ -12,10 +12,10 @@ from torch import nn
 from torch.nn.utils import prune
 
 from wattflow.compress import pack
-from wattflow.compress.pack import MAGIC, deployable_artifact, load_packed, pack_checkpoint, read_packed
+from wattflow.compress.pack import MAGIC, load_packed, pack_checkpoint, read_packed
 from wattflow.compress.quantize import export_onnx, quantize_checkpoint
 from wattflow.data import load_splits
-from wattflow.evaluate import accuracy, load_predictor, size_metrics
+from wattflow.evaluate import accuracy, deployable_artifact, load_predictor, size_metrics
 from wattflow.models import build_model, load_checkpoint, prunable_modules, save_checkpoint
 
 LENET = {"kind": "mlp", "in_features": 64, "hidden": [300, 100], "num_classes": 10}  # LeNet-300-100 shape
@@ -196,12 +196,14 @@ def test_refuses_what_is_not_packed_or_does_not_match_its_spec(ckpts, tmp_path):
 
 
 def test_deployable_artifact(ckpts, tmp_path):
-    path, size_bytes = deployable_artifact(ckpts["pruned95+kmeans-4bit"], "torch", tmp_path / "deploy")
+    path, runtime, size_bytes = deployable_artifact(ckpts["pruned95+kmeans-4bit"], "torch", tmp_path / "deploy")
     assert path == str(tmp_path / "deploy" / "pruned95.kmeans4.wfp") and size_bytes == os.path.getsize(path)
-    assert deployable_artifact(path, "packed", tmp_path / "elsewhere") == (path, size_bytes)
+    assert runtime == "packed"
+    assert deployable_artifact(path, "packed", tmp_path / "elsewhere") == (path, "packed", size_bytes)
     onnx_path = tmp_path / "m.onnx"
     export_onnx(load_checkpoint(ckpts["fp32"])[0], onnx_path, 64)
-    assert deployable_artifact(onnx_path, "onnx", tmp_path / "deploy") == (str(onnx_path), os.path.getsize(onnx_path))
+    assert deployable_artifact(onnx_path, "onnx", tmp_path / "deploy") == (str(onnx_path), "onnx",
+                                                                           os.path.getsize(onnx_path))
     assert sorted(os.listdir(tmp_path / "deploy")) == ["pruned95.kmeans4.wfp"]
     with pytest.raises(ValueError, match="allowed"):
         deployable_artifact(onnx_path, "tflite", tmp_path)

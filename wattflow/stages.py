@@ -10,16 +10,16 @@ from pathlib import Path
 from typing import Literal
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, field_validator
 
 from wattflow.chains import PlannedStep
-from wattflow.compress.pack import deployable_artifact
 from wattflow.config import PipelineConfig
 from wattflow.data import batches, first_samples
 from wattflow.distributed import launch_training
 from wattflow.energy import EnergyMeter, EnergyResult
-from wattflow.evaluate import load_predictor, median_latency_s, run_inferences, size_metrics
+from wattflow.evaluate import deployable_artifact, load_predictor, median_latency_s, run_inferences, size_metrics
 from wattflow.models import load_checkpoint, sha256_file
+from wattflow.runtimes import RUNTIMES
 from wattflow.workloads import workload_for
 
 Stage = Literal["train", "prune", "quantize", "distill"]
@@ -27,8 +27,15 @@ Stage = Literal["train", "prune", "quantize", "distill"]
 
 class Artifact(BaseModel):
     path: str
-    format: Literal["torch", "onnx"]  # how the variant runs: eager torch, or ONNX Runtime
+    format: str  # the runtime the variant runs on: a name in wattflow.runtimes.RUNTIMES ("torch", "onnx")
     sha256: str
+
+    @field_validator("format")
+    @classmethod
+    def _registered(cls, value: str) -> str:
+        if value not in RUNTIMES:
+            raise ValueError(f"unknown runtime {value!r}; allowed: {', '.join(RUNTIMES.names())}")
+        return value
 
 
 class StageResult(BaseModel):
@@ -162,10 +169,10 @@ def evaluate_variant(cfg: PipelineConfig, variant: StageResult, deploy_dir: Path
                  for b in cfg.eval.batch_sizes}
     energy = inference_energy(cfg, variant.name, predict, timing_x, meter)
     sizes = size_metrics(art.path, art.format)
-    deploy_path, deploy_bytes = deployable_artifact(art.path, art.format, deploy_dir)
+    deploy_path, deploy_format, deploy_bytes = deployable_artifact(art.path, art.format, deploy_dir)
     identical = None
-    if deploy_path != art.path:  # a packed file: it must give exactly the variant's outputs
-        deployed = load_predictor(deploy_path, "packed", cfg.eval.threads)
+    if deploy_path != art.path:  # another file ships (a .wfp): it must give exactly the variant's outputs
+        deployed = load_predictor(deploy_path, deploy_format, cfg.eval.threads)
         identical = all(np.array_equal(deployed(xb), predict(xb)) for xb, _ in batches(test, 512))
     return VariantFigures(scores=scores, test_samples=len(test), latency_s=latency_s, **energy,
                           param_count=sizes["param_count"], nonzero_params=sizes["nonzero_params"],

@@ -25,52 +25,29 @@ import uuid
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
-from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
 import mlflow
 import numpy as np
-import torch
 from mlflow.entities import Metric, Param, RunStatus, RunTag
-from mlflow.models import infer_signature
 from mlflow.tracking import MlflowClient
-from torch import nn
 
 from wattflow.config import EnergyConfig
 from wattflow.energy import EnergyResult, co2e_g
-from wattflow.models import TORCH_EXPORT_LOCK, input_signature, load_checkpoint
 from wattflow.preflight import mask_secrets
+from wattflow.runtimes import runtime
 
 STAGE_TAG = "wattflow.stage"
 RUN_KEY_TAG = "wattflow.run_key"  # a key chosen before creation, so a replayed create finds its run
 JOURNAL_NAME = "mlflow-journal.jsonl"
 OFFLINE_PREFIX = "offline-"
 OFFLINE_EXPERIMENT_PREFIX = "offline-experiment:"
-ONNX_SCORES_CODE = Path(__file__).resolve().parent / "serving" / "onnx_scores.py"
 BATCH_LIMIT = 100  # MLflow's log_batch takes at most 100 params or tags per call
 
 log = logging.getLogger(__name__)
 # MLflow suggests type hints on a pyfunc's predict for automatic signatures; wattflow logs explicit signatures.
 warnings.filterwarnings("ignore", message=r".*Add type hints to the `predict` method")
-
-
-class Float32IO(nn.Module):
-    """float32 in and out whatever the model's dtype, so every logged variant (bf16 too) takes the
-    same input as the others."""
-
-    def __init__(self, model: nn.Module):
-        super().__init__()
-        self.model = model
-        self.dtype = next(model.parameters()).dtype
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.model(x.to(self.dtype)).float()
-
-
-def pip_requirements(*packages: str) -> list[str]:
-    """Explicit pins: MLflow's inference takes seconds and writes a `+cpu` local version pip can't install."""
-    return [f"{p}=={version(p).split('+')[0]}" for p in packages]
 
 
 def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, str]:
@@ -387,36 +364,14 @@ class Tracker:
         self.end_run(run_id, ok=True)
 
     def log_model(self, run_id: str, path: str, fmt: str) -> None:
-        """Log the variant as an MLflow model (torch or ONNX flavour) on its run. MLflow's model
-        logging needs the fluent active run, whose context ends the run: call this last."""
+        """Log the variant as an MLflow model on its run, in its runtime's flavour (`wattflow.runtimes`: a
+        signature, an input example, and `predict` returning the scores as one array). MLflow's model logging
+        needs the fluent active run, whose context ends the run: call this last."""
         self._write("log_model", run_id, {"path": str(Path(path).resolve()), "fmt": fmt})
 
     def _log_model_now(self, run_id: str, path: str, fmt: str) -> None:
-        """Either way the model has a signature (input [-1, *sample shape] and its dtype; output the scores) and
-        an input example, and `predict` returns the scores as one array."""
-        with TORCH_EXPORT_LOCK, mlflow.start_run(run_id=run_id):
-            if fmt == "torch":
-                model, spec, meta = load_checkpoint(path)
-                shape, dtype = input_signature(spec, meta)
-                example = torch.zeros(2, *shape, dtype=dtype).numpy()
-                wrapped = Float32IO(model)
-                with torch.inference_mode():
-                    output = wrapped(torch.from_numpy(example)).numpy()
-                # MLflow's default 'pt2' format is a traced graph (no pickled code), traced on this example.
-                mlflow.pytorch.log_model(wrapped, name="model", input_example=example,
-                                         signature=infer_signature(example, output),
-                                         pip_requirements=pip_requirements("torch"))
-            else:
-                import onnxruntime as ort
-
-                session = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
-                spec_in = session.get_inputs()[0]
-                dtype = np.float32 if "float" in spec_in.type else np.int64
-                example = np.zeros([2, *spec_in.shape[1:]], dtype=dtype)
-                output = session.run(None, {spec_in.name: example})[0]
-                mlflow.pyfunc.log_model(name="model", python_model=str(ONNX_SCORES_CODE), artifacts={"onnx": path},
-                                        input_example=example, signature=infer_signature(example, output),
-                                        pip_requirements=pip_requirements("onnx", "onnxruntime"))
+        with mlflow.start_run(run_id=run_id):
+            runtime(fmt).log_model(path)
 
     def log_input(self, run_id: str, dataset: dict[str, Any]) -> None:
         """The dataset a run trained on, through MLflow's dataset tracking (the UI's Dataset column and

@@ -26,7 +26,6 @@ from __future__ import annotations
 import json
 import lzma
 import math
-import os
 from pathlib import Path
 from typing import Any
 
@@ -102,17 +101,6 @@ def load_packed(path) -> tuple[nn.Module, dict[str, Any], dict[str, Any]]:
     model = build_model(spec)
     model.to(next(iter(state.values())).dtype).load_state_dict(state)
     return model.eval(), spec, meta
-
-
-def deployable_artifact(path, fmt: str, out_dir) -> tuple[str, int]:
-    """(path, bytes) of what would be shipped: a torch checkpoint is packed to `<out_dir>/<stem>.wfp`;
-    an ONNX file or a .wfp already is the artifact."""
-    if fmt == "torch":
-        out_path = Path(out_dir) / (Path(path).stem + ".wfp")
-        return str(out_path), pack_checkpoint(path, out_path)
-    if fmt in ("onnx", "packed"):
-        return str(path), os.path.getsize(path)
-    raise ValueError(f"unknown model format {fmt!r}; allowed: torch, onnx, packed")
 
 
 def _body(header: dict[str, Any], parts: list[Part]) -> bytes:
