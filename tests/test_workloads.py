@@ -13,14 +13,13 @@ import torch
 from PIL import Image
 
 from wattflow.compress.distill import distill_checkpoint
-from wattflow.compress.pack import deployable_artifact
 from wattflow.compress.prune import prune_checkpoint
 from wattflow.compress.quantize import quantize_checkpoint
 from wattflow.config import PipelineConfig
 from wattflow.data import DataError, first_samples, splits_for
 from wattflow.datasets.image_folder import ImageFiles
 from wattflow.datasets.sample_images import write_digit_images
-from wattflow.evaluate import load_predictor
+from wattflow.evaluate import deployable_artifact, load_predictor
 from wattflow.models import build_model, load_checkpoint, save_checkpoint
 from wattflow.workloads import WorkloadError, check_workload, workload_for
 
@@ -175,7 +174,7 @@ def test_every_stage_runs_on_a_users_residual_conv_net_from_its_own_file(folders
         scores = load_predictor(onnx.path, "onnx")(first_samples(val, 4))
         assert scores.shape == (4, 10) and np.isfinite(scores).all()
     kmeans = quantize_checkpoint(pruned.checkpoint, "kmeans-4bit", tmp_path / "q", calibration)
-    packed, packed_bytes = deployable_artifact(kmeans.path, "torch", tmp_path / "deploy")
+    packed, _, packed_bytes = deployable_artifact(kmeans.path, "torch", tmp_path / "deploy")
     xs = first_samples(val, 16)
     assert np.array_equal(load_predictor(packed, "packed")(xs), load_predictor(kmeans.path, "torch")(xs))
     assert packed_bytes < Path(ckpt).stat().st_size / 4
