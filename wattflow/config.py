@@ -46,20 +46,23 @@ class FactoryRef(_Section):
                              description="A directory (or a .py file in it) put first on sys.path to import from.")
 
 
-DATA_FORMATS = ("digits", "npz", "image-folder")
+DATA_FORMATS = ("digits", "npz", "image-folder", "text")
 
 
 class DataConfig(_Section):
-    dataset: Literal["digits", "npz", "image-folder"] | FactoryRef = Field(
+    dataset: Literal["digits", "npz", "image-folder", "text"] | FactoryRef = Field(
         "digits", description="digits: scikit-learn's bundled 8x8 digits; npz: your samples in the .npz `path`; "
-        "image-folder: `path`/<class>/<image> PNG or JPEG files; or {factory: 'pkg.module:fn', kwargs: {...}} "
+        "image-folder: `path`/<class>/<image> PNG or JPEG files; text: UTF-8 text for a language model (`path`, or "
+        "the embedded CPython documentation corpus); or {factory: 'pkg.module:fn', kwargs: {...}} "
         "returning your torch Datasets (train, val, test) or one Dataset that wattflow splits, stratified.")
     path: str | None = Field(
         None, min_length=1, max_length=4096,
         description="With npz: a .npz file holding float `x` [N, features] or [N, C, H, W] and integer class "
-        "labels `y` [N] (0..classes-1). With image-folder: the root folder of one sub-folder per class. Checked "
+        "labels `y` [N] (0..classes-1). With image-folder: the root folder of one sub-folder per class. With text: a "
+        "UTF-8 file or a folder of .txt files (optional: default, the embedded corpus). Checked "
         "before training (wattflow.data.check_data).")
     image_size: int = Field(32, ge=4, le=1024, description="image-folder: images are resized to this square size.")
+    block_size: int = Field(64, ge=2, le=4096, description="text: tokens per sample window (the model's context).")
     num_workers: int = Field(0, ge=0, le=64, description="DataLoader worker processes per rank (0: read in the "
                              "rank itself).")
     val_fraction: float = Field(0.15, gt=0.0, lt=0.5, description="Share of samples held out for validation.")
@@ -76,8 +79,8 @@ class DataConfig(_Section):
         if needs_path and self.path is None:
             what = "the .npz file with arrays x and y" if self.dataset == "npz" else "the folder of class folders"
             raise ValueError(f"dataset {self.dataset} needs data.path: {what}")
-        if not needs_path and self.path is not None:
-            raise ValueError(f"data.path is only read with dataset npz or image-folder (dataset is "
+        if not needs_path and self.path is not None and self.dataset != "text":
+            raise ValueError(f"data.path is only read with dataset npz, image-folder or text (dataset is "
                              f"{self.dataset!r}): set one of those or remove path")
         return self
 
@@ -164,7 +167,8 @@ class DistillConfig(_Section):
     student_cnn_channels: list[int] = Field([8, 16], min_length=1, max_length=4, description="Student CNN channels.")
     student_cnn_hidden: int = Field(32, ge=1, le=4096, description="Student CNN head width.")
     epochs: int = Field(30, ge=1, le=1000, description="Student training epochs.")
-    lr: float = Field(0.05, gt=0.0, le=10.0, description="Student learning rate (SGD, cosine).")
+    lr: float = Field(0.05, gt=0.0, le=10.0, description="Student learning rate (cosine schedule).")
+    optimizer: Literal["sgd", "adamw"] = Field("sgd", description="As train.optimizer, for the student.")
     temperature: float = Field(4.0, gt=0.0, le=100.0, description="Softmax temperature T of the soft targets.")
     alpha: float = Field(0.7, ge=0.0, le=1.0, description="Weight of the soft (KL x T^2) loss; 1 - alpha on "
                          "the hard-label loss.")
@@ -306,7 +310,8 @@ def _registered_workload(v: str) -> str:
 class PipelineConfig(_Section):
     workload: Annotated[str, AfterValidator(_registered_workload)] = Field(
         "classification", min_length=1, max_length=100,
-        description="What kind of task the model solves (wattflow.workloads): classification.")
+        description="What kind of task the model solves (wattflow.workloads): classification, or "
+        "language-model (next-token prediction on data.dataset: text).")
     experiment: str = Field("wattflow", min_length=1, max_length=200, description="MLflow experiment name.")
     work_dir: str = Field(".wattflow/artifacts", min_length=1,
                           description="Where checkpoints and exported models are written.")

@@ -76,10 +76,23 @@ class VariantFigures(BaseModel):
     deployable_bytes: int | None = None
     deployable_path: str | None = None
     deployable_identical: bool | None = None      # None: the deployable is the file itself (nothing to check)
+    tokens_per_sample: int | None = None          # language models: one inference scores a window of tokens
 
     @property
     def accuracy(self) -> float | None:
         return self.scores.get("accuracy")
+
+    @property
+    def energy_per_1k_tokens_j(self) -> float | None:
+        if self.tokens_per_sample is None or self.energy_per_1k_inferences_j is None:
+            return None
+        return self.energy_per_1k_inferences_j / self.tokens_per_sample
+
+    @property
+    def tokens_per_s(self) -> float | None:
+        if self.tokens_per_sample is None or self.throughput_per_s is None:
+            return None
+        return self.throughput_per_s * self.tokens_per_sample
 
     def mlflow_metrics(self) -> dict[str, float]:
         numbers = {**self.scores, "test_samples": self.test_samples,
@@ -90,7 +103,8 @@ class VariantFigures(BaseModel):
                    "dense_bytes": self.dense_bytes, "size_bytes": self.size_bytes,
                    "size_lzma_bytes": self.size_lzma_bytes, "deployable_bytes": self.deployable_bytes,
                    "deployable_identical": None if self.deployable_identical is None
-                   else float(self.deployable_identical)}
+                   else float(self.deployable_identical),
+                   "energy_per_1k_tokens_j": self.energy_per_1k_tokens_j, "tokens_per_s": self.tokens_per_s}
         return {k: float(v) for k, v in numbers.items() if v is not None}
 
     def mlflow_tags(self) -> dict[str, str]:
@@ -178,4 +192,5 @@ def evaluate_variant(cfg: PipelineConfig, variant: StageResult, deploy_dir: Path
                           param_count=sizes["param_count"], nonzero_params=sizes["nonzero_params"],
                           dense_bytes=sizes["dense_bytes"], size_bytes=sizes["file_bytes"],
                           size_lzma_bytes=sizes["lzma_bytes"], deployable_bytes=deploy_bytes,
-                          deployable_path=deploy_path, deployable_identical=identical)
+                          deployable_path=deploy_path, deployable_identical=identical,
+                          tokens_per_sample=workload.meta().get("tokens_per_sample"))

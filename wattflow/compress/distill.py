@@ -17,7 +17,7 @@ from torch.utils.data import Dataset
 
 from wattflow.data import batches, loader
 from wattflow.models import build_model, load_checkpoint, save_checkpoint, sha256_file
-from wattflow.train import lr_factor
+from wattflow.train import lr_factor, make_optimizer
 
 
 @dataclass(frozen=True)
@@ -37,9 +37,12 @@ def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor
     The soft term's gradients scale as 1/T^2; multiplying by T^2 keeps its weight against the hard term
     unchanged when T changes."""
     t = temperature
+    # Scores on the last axis: [N, classes] per sample, or [N, T, vocab] per token (averaged over tokens).
+    student_logits = student_logits.reshape(-1, student_logits.shape[-1])
+    teacher_logits = teacher_logits.reshape(-1, teacher_logits.shape[-1])
     soft = F.kl_div(F.log_softmax(student_logits / t, dim=1), F.log_softmax(teacher_logits / t, dim=1),
                     reduction="batchmean", log_target=True) * (t * t)
-    hard = F.cross_entropy(student_logits, labels)
+    hard = F.cross_entropy(student_logits, labels.reshape(-1))
     return alpha * soft + (1.0 - alpha) * hard
 
 
@@ -48,9 +51,11 @@ GRAD_CLIP_NORM = 5.0
 
 def distill_checkpoint(teacher_ckpt: str | Path, out_path: str | Path, student_spec: dict[str, Any],
                        train: Dataset, val: Dataset, epochs: int, lr: float, temperature: float, alpha: float,
-                       batch_size: int = 32, seed: int = 0, expected_sha256: str | None = None) -> DistillOutput:
-    """Train a fresh `student_spec` model against the teacher's soft targets; SGD with Nesterov momentum and
-    one warm-up epoch then cosine decay. alpha=0 is plain training from scratch on the same schedule."""
+                       batch_size: int = 32, seed: int = 0, expected_sha256: str | None = None,
+                       optimizer: str = "sgd") -> DistillOutput:
+    """Train a fresh `student_spec` model against the teacher's soft targets; `optimizer` ("sgd": Nesterov
+    momentum; "adamw") with one warm-up epoch then cosine decay. alpha=0 is plain training from scratch on the
+    same schedule."""
     if epochs < 1 or temperature <= 0 or not 0.0 <= alpha <= 1.0:
         raise ValueError(f"need epochs >= 1, temperature > 0, 0 <= alpha <= 1; got {epochs}, {temperature}, {alpha}")
     teacher, teacher_spec, teacher_meta = load_checkpoint(teacher_ckpt, expected_sha256)
@@ -63,7 +68,7 @@ def distill_checkpoint(teacher_ckpt: str | Path, out_path: str | Path, student_s
     torch.manual_seed(seed)  # the student's initial weights
     student = build_model(student_spec)
     train_batches = loader(train, batch_size, shuffle=True, seed=seed)
-    optimizer = torch.optim.SGD(student.parameters(), lr=lr, momentum=0.9, nesterov=True, weight_decay=5e-4)
+    optimizer = make_optimizer(optimizer, student, lr, weight_decay=5e-4)
     total = epochs * len(train_batches)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, len(train_batches), total))
     teacher_dtype = next(teacher.parameters()).dtype
@@ -71,7 +76,7 @@ def distill_checkpoint(teacher_ckpt: str | Path, out_path: str | Path, student_s
     for _ in range(epochs):
         for xb, yb in train_batches:
             with torch.inference_mode():
-                tb = teacher(xb.to(teacher_dtype)).float()
+                tb = teacher(xb.to(teacher_dtype) if xb.is_floating_point() else xb).float()
             out = student(xb)
             if out.shape != tb.shape:
                 raise ValueError(f"the student's output {list(out.shape)} does not match the teacher's "
@@ -92,10 +97,11 @@ def distill_checkpoint(teacher_ckpt: str | Path, out_path: str | Path, student_s
     with torch.inference_mode():
         for xb, yb in batches(val, 512):
             x_val = torch.from_numpy(xb)
-            predicted = student(x_val).argmax(dim=1)
+            predicted = student(x_val).argmax(dim=-1)  # per sample, or per token
             correct += int((predicted == torch.from_numpy(yb)).sum())
-            agree += int((predicted == teacher(x_val.to(teacher_dtype)).argmax(dim=1)).sum())
-            seen += len(yb)
+            x_teacher = x_val.to(teacher_dtype) if x_val.is_floating_point() else x_val
+            agree += int((predicted == teacher(x_teacher).argmax(dim=-1)).sum())
+            seen += yb.size
     val_accuracy, agreement = correct / seen, agree / seen
     params = sum(p.numel() for p in student.parameters())
     inputs = {k: teacher_meta[k] for k in ("workload", "input_shape", "input_dtype", "num_classes", "preprocessing")

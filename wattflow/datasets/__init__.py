@@ -2,4 +2,4 @@
 `wattflow.data.DATASETS`. Add a format: a new file here whose function `(DataConfig) -> Splits` is decorated
 `@DATASETS.register("name")`, its import below, and its name in `config.DataConfig.dataset`."""
 
-from wattflow.datasets import factory, image_folder  # noqa: F401  (each registers itself)
+from wattflow.datasets import factory, image_folder, text  # noqa: F401  (each registers itself)

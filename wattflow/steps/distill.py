@@ -41,8 +41,10 @@ class DistillStep(Step):
         d, workload = cfg.distill, workload_for(cfg)
         out = distill_checkpoint(source.artifact.path, out_dir / f"{name}.pt", workload.student_spec(),
                                  workload.splits.train, workload.splits.val, d.epochs, d.lr, d.temperature, d.alpha,
-                                 cfg.train.batch_size, cfg.train.seed, expected_sha256=source.artifact.sha256)
+                                 cfg.train.batch_size, cfg.train.seed, expected_sha256=source.artifact.sha256,
+                                 optimizer=d.optimizer)
         params = {"student": json.dumps(out.student_spec), "epochs": d.epochs, "temperature": d.temperature,
-                  "alpha": d.alpha, "lr": d.lr}
+                  "alpha": d.alpha, "lr": d.lr,
+                  "optimizer": d.optimizer}
         metrics = {"val_accuracy": out.val_accuracy, "student_params": out.student_params}
         return Artifact(path=out.checkpoint, format="torch", sha256=out.sha256), params, metrics

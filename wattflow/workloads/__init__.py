@@ -100,4 +100,4 @@ def check_workload(cfg: PipelineConfig) -> Workload:
     return workload
 
 
-from wattflow.workloads import classification  # noqa: E402,F401  (registers "classification")
+from wattflow.workloads import classification, language_model  # noqa: E402,F401  (each registers itself)

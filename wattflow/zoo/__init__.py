@@ -10,4 +10,4 @@ from wattflow.plugins import Registry
 
 MODELS: Registry = Registry("model")
 
-from wattflow.zoo import cnn, mlp, resnet  # noqa: E402,F401  (each registers itself)
+from wattflow.zoo import cnn, gpt, mlp, resnet  # noqa: E402,F401  (each registers itself)

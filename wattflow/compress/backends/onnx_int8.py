@@ -83,12 +83,12 @@ def _tidy(proto):
 
 def quantize(backend: str, ckpt_path: Path, out_path: Path, calibration_x: np.ndarray | None, _note: str
              ) -> QuantizedArtifact:
-    """`calibration_x` (float32 [N, *input_shape]) is required by static int8; for dynamic int8 it only measures
-    agreement with fp32 for the note."""
+    """`calibration_x` ([N, *input_shape] at the model's input dtype) is required by static int8; for dynamic
+    int8 it only measures agreement with fp32 for the note."""
     model, spec, meta = load_checkpoint(ckpt_path)
     shape, dtype = input_signature(spec, meta)
     if calibration_x is not None:
-        calibration_x = np.ascontiguousarray(calibration_x, dtype=np.float32)
+        calibration_x = np.ascontiguousarray(calibration_x, dtype=np.float32 if dtype.is_floating_point else np.int64)
         if list(calibration_x.shape[1:]) != shape or len(calibration_x) == 0:
             raise ValueError(f"calibration_x must be [N>0, {', '.join(map(str, shape))}], got {calibration_x.shape}")
     elif backend == "onnx-int8-static":
@@ -157,11 +157,12 @@ def _dynamic_int8(pre: Path, tmp: Path, calibration_x: np.ndarray | None) -> tup
 
 
 def _top1(path: Path, x: np.ndarray) -> np.ndarray:
-    """Top-1 classes from ONNX Runtime's CPU provider; also proves the file runs there."""
+    """Top-1 classes (of the last axis: per sample, or per token) from ONNX Runtime's CPU provider; also proves the
+    file runs there."""
     import onnxruntime as ort
 
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    return session.run([ONNX_OUTPUT], {ONNX_INPUT: x})[0].argmax(axis=1)
+    return session.run([ONNX_OUTPUT], {ONNX_INPUT: x})[0].argmax(axis=-1)
 
 
 class _CalibrationReader:

@@ -28,10 +28,11 @@ def quantize(backend: str, ckpt_path: Path, out_path: Path, calibration_x: np.nd
     note = (f"{entry.note}; {layers} Linear layer(s) quantized by torchao {entry.config} at load time "
             f"({where}); the file holds the fp32 weights, so its size figures are fp32 sizes")
     if calibration_x is not None:
-        x = torch.from_numpy(np.ascontiguousarray(calibration_x, dtype=np.float32))
+        x = torch.from_numpy(np.ascontiguousarray(calibration_x))
+        x = x.float() if x.is_floating_point() else x
         device = torchao_backend.device_for(backend)
         with torch.inference_mode():
-            agree = source(x).argmax(1) == quantized(x.to(device)).argmax(1).cpu()
+            agree = source(x).argmax(-1) == quantized(x.to(device)).argmax(-1).cpu()
         note += f"; top-1 agreement with the source {float(agree.float().mean()):.4f} on {len(x)} samples (eager)"
     return QuantizedArtifact(str(out_path), "torch", backend, note)
 

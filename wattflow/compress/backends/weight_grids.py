@@ -25,9 +25,11 @@ def snap_weights(snap, name: str, ckpt_path: Path, out_path: Path, calibration_x
     meta = {**meta, **snap(model), "quantized": name, "source_sha256": sha256_file(ckpt_path)}
     save_checkpoint(out_path, model, spec, meta)
     if calibration_x is not None:
-        x = torch.from_numpy(np.ascontiguousarray(calibration_x, dtype=np.float32))
+        x = torch.from_numpy(np.ascontiguousarray(calibration_x))
+        x = x.float() if x.is_floating_point() else x
         with torch.inference_mode():
-            agree = (source(x.to(next(source.parameters()).dtype)).argmax(1) == model(x).argmax(1))
+            agree = (source(x.to(next(source.parameters()).dtype) if x.is_floating_point() else x).argmax(-1)
+                     == model(x).argmax(-1))
         note += f"; top-1 agreement with the source {float(agree.float().mean()):.4f} on {len(x)} samples"
     return QuantizedArtifact(str(out_path), "torch", name, note)
 
