@@ -22,7 +22,7 @@ from wattflow.models import load_checkpoint, sha256_file
 from wattflow.runtimes import RUNTIMES
 from wattflow.workloads import workload_for
 
-Stage = Literal["train", "prune", "quantize", "distill"]
+Stage = Literal["train", "prune", "sparsify", "quantize", "distill"]
 
 
 class Artifact(BaseModel):

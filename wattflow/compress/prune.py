@@ -110,7 +110,8 @@ def prune_checkpoint(ckpt_path: str | Path, out_path: str | Path, sparsity: floa
     model, spec, meta = load_checkpoint(ckpt_path, expected_sha256)
     params_before = _count(model)
     epochs = _epochs_per_round(fine_tune_epochs, schedule_steps)
-    example = torch.from_numpy(first_samples(train, 2)).to(next(model.parameters()).dtype)
+    example = torch.from_numpy(first_samples(train, 2))
+    example = example.to(next(model.parameters()).dtype) if example.is_floating_point() else example  # token ids
     kept = _kept_modules(model, keep, example)
     tune = lambda n, s: fine_tune(model, train, n, lr, batch_size, s, loss_fn)  # noqa: E731
     if method == "unstructured":

@@ -74,4 +74,4 @@ def parse_step(token: str) -> dict[str, Any]:
     return {"kind": kind, **STEPS.get(kind).from_token(name, arg)}
 
 
-from wattflow.steps import distill, prune, quantize  # noqa: E402,F401  (each registers itself)
+from wattflow.steps import distill, prune, quantize, sparsify  # noqa: E402,F401  (each registers itself)
