@@ -53,7 +53,8 @@ def run_bare(config: str, out: Path) -> None:
     from wattflow.energy import make_meter
     from wattflow.figures import comparison_csv, pareto_png
     from wattflow.report import summary_rows
-    from wattflow.select import exact_rows, select_champion
+    from wattflow.select import select_for
+    from wattflow.workloads import workload_for
 
     cfg = load_config(config)
     ready = time.perf_counter()
@@ -74,7 +75,7 @@ def run_bare(config: str, out: Path) -> None:
         figures = [stages.evaluate_variant(cfg, v, run_dir / "deploy", make_meter(cfg.energy)) for v in variants]
     rows = summary_rows(variants, figures)
     # The library half of selection, which the flow's select/ship tasks also do (the registry is tracking).
-    selection = select_champion(exact_rows(rows, figures), cfg.select.accuracy_budget_points, cfg.select.objective)
+    selection = select_for(cfg, rows, figures, workload_for(cfg).budget_metric)
     pareto_png(rows, selection, run_dir / "pareto.png")
     comparison_csv(rows, selection, run_dir / "variants.csv")
     out.write_text(json.dumps({"stage_work_s": time.perf_counter() - started, "variants": len(rows),

@@ -15,7 +15,7 @@ from prefect.runtime import flow_run
 from wattflow.config import PipelineConfig
 from wattflow.figures import comparison_csv, markdown_report, pareto_png
 from wattflow.registry import register_variants
-from wattflow.select import Selection, exact_rows, select_champion
+from wattflow.select import Selection, select_for
 from wattflow.stages import StageResult, VariantFigures
 from wattflow.tracking import Tracker
 from wattflow.workloads import workload_for
@@ -26,7 +26,7 @@ REPORT_ARTIFACT_KEY = "wattflow-report"
 @task(name="select", cache_policy=NO_CACHE)
 def select(cfg: PipelineConfig, rows: list[dict], figures: list[VariantFigures]) -> Selection:
     """On the exact figures (the rows are rounded for display), as MLflow holds them."""
-    selection = select_champion(exact_rows(rows, figures), cfg.select.accuracy_budget_points, cfg.select.objective)
+    selection = select_for(cfg, rows, figures, workload_for(cfg).budget_metric)
     get_run_logger().info("champion: %s (%s)", selection.champion, selection.reason)
     return selection
 
@@ -55,6 +55,9 @@ def ship(cfg: PipelineConfig, parent_run_id: str, run_dir: str, experiment_id: s
                "epochs": cfg.train.epochs, "chains": [" -> ".join(c.labels) for c in cfg.chains],
                "select": cfg.select.model_dump(), "energy backend": cfg.energy.backend,
                "registered": {alias: f"{model_name} v{v}" for alias, v in aliases.items()}}
+    sample = workload.sample(variants[0].artifact.path)
+    if sample is not None:
+        summary["sample of the trained model (prompt▌greedy continuation)"] = repr(sample)
     report = markdown_report(summary, rows, selection, [*(v.energy for v in variants), pipeline_energy],
                              mlflow_link(tracker, experiment_id, parent_run_id))
     selection_dir = Path(run_dir) / "selection"  # kept beside the checkpoints, whatever MLflow's state

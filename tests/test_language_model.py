@@ -8,12 +8,13 @@ import pytest
 import torch
 
 from wattflow.compress.backends.onnx_int8 import export_onnx
+from wattflow.compress.prune import prune_checkpoint
 from wattflow.compress.wanda import input_norms, nm_mask, sparsify
 from wattflow.config import PipelineConfig
 from wattflow.data import DataError, loader
 from wattflow.datasets.text import decode, embedded_corpus, encode
 from wattflow.evaluate import load_predictor
-from wattflow.models import build_model
+from wattflow.models import build_model, load_checkpoint, save_checkpoint
 from wattflow.train import torch_predictor
 from wattflow.workloads import WorkloadError, check_workload, workload_for
 
@@ -127,3 +128,21 @@ def test_heads_that_do_not_divide_the_width_name_the_field(tmp_path):
     cfg = lm_config(tmp_path, embedded_corpus()[:20_000], n_head=3)
     with pytest.raises(WorkloadError, match=r"train.model.*n_embd \(32\) must be divisible by n_head \(3\)"):
         workload_for(cfg).model_spec()
+
+
+def test_head_pruning_removes_whole_heads_and_neurons_and_reloads(small, tmp_path):
+    cfg, workload, model = small
+    ckpt = tmp_path / "gpt.pt"
+    save_checkpoint(ckpt, model, workload.model_spec(), workload.meta())
+    out = prune_checkpoint(ckpt, tmp_path / "heads.pt", 0.5, workload.splits.train, fine_tune_epochs=0, lr=0.01,
+                           method="structured", keep=("lm_head",), loss_fn=workload.loss)
+    pruned, spec, _ = load_checkpoint(out.checkpoint, out.sha256)  # rebuilt from its spec, weights_only
+    for block in pruned.blocks:
+        assert block.attn.q.out_features == block.attn.k.out_features == block.attn.v.out_features == 16
+        assert block.attn.q.out_features % block.attn.head_dim == 0  # 2 whole heads of 8 left of 4
+        assert block.mlp.fc.out_features == 64 and block.attn.proj.out_features == 32  # residual width kept
+    x = torch.from_numpy(workload.example_inputs(4))
+    with torch.inference_mode():
+        assert torch.isfinite(pruned(x)).all()
+    assert torch.equal(pruned.generate(x[:, :4], 20, use_cache=True), pruned.generate(x[:, :4], 20, use_cache=False))
+    assert out.params_after < 0.7 * out.params_before

@@ -295,6 +295,9 @@ class SelectConfig(_Section):
     accuracy_budget_points: float = Field(
         0.5, ge=0.0, le=100.0, description="Largest accuracy loss allowed vs the trained model, in absolute "
         "percentage points (0.5 = 0.005 in accuracy fraction: 97.2% -> at least 96.7%).")
+    perplexity_budget_percent: float = Field(
+        5.0, ge=0.0, le=1000.0, description="Language models: largest perplexity increase allowed vs the trained "
+        "model, in percent (5 = perplexity at most 1.05x); used instead of accuracy_budget_points.")
     objective: Objective = Field("energy_per_1k_inferences_j",
                                  description="What the champion minimises among the variants within budget.")
 

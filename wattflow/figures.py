@@ -111,10 +111,25 @@ def comparison_csv(rows: list[dict], selection: Selection, path: str | Path) -> 
 # Markdown variants table: row key -> header.
 REPORT_COLUMNS = {
     "variant": "variant", "chain": "chain", "accuracy": "accuracy", "delta_accuracy_points": "Δ points",
+    "perplexity": "perplexity", "delta_perplexity_percent": "Δ perplexity %",
     "deployable_bytes": "deployable bytes", "deployable_compression_ratio": "ratio", "latency_b1_ms": "b1 ms",
-    "latency_b256_ms": "b256 ms", ENERGY: "J / 1k inferences", "inference_energy_method": "inference energy method",
+    "latency_b256_ms": "b256 ms", ENERGY: "J / 1k inferences", "energy_per_1k_tokens_j": "J / 1k tokens",
+    "inference_energy_method": "inference energy method",
     "stage_energy_j": "stage J", "stage_energy_method": "stage energy method",
 }
+OPTIONAL_COLUMNS = ("perplexity", "delta_perplexity_percent", "energy_per_1k_tokens_j")  # language models only
+
+
+def report_columns(rows: list[dict]) -> dict[str, str]:
+    """REPORT_COLUMNS, with the workload's own columns only where the rows have them, and a latency column per
+    batch size evaluated."""
+    first = rows[0] if rows else {}
+    columns = {k: h for k, h in REPORT_COLUMNS.items()
+               if not (k in OPTIONAL_COLUMNS or k.startswith("latency_b")) or k in first}
+    return {**{k: h for k, h in columns.items() if k != "inference_energy_method" and not k.startswith("stage")},
+            **{k: f"b{k[len('latency_b'):-len('_ms')]} ms" for k in first
+               if k.startswith("latency_b") and k.endswith("_ms") and k not in columns},
+            **{k: h for k, h in columns.items() if k == "inference_energy_method" or k.startswith("stage")}}
 
 
 def _cell(value) -> str:
@@ -126,6 +141,19 @@ def _table(header: list[str], body: list[list]) -> list[str]:
             *("| " + " | ".join(_cell(v) for v in line) + " |" for line in body)]
 
 
+def _budget(selection: Selection) -> str:
+    if selection.perplexity_budget_percent is not None:
+        return f"**+{selection.perplexity_budget_percent:g}% perplexity**"
+    return f"**{selection.accuracy_budget_points:g} accuracy points** (absolute)"
+
+
+def _perplexity(row: dict) -> str:
+    if "perplexity" not in row:
+        return ""
+    return (f"; perplexity {row['perplexity']}, Δ {row.get('delta_perplexity_percent', 'unknown')}%; "
+            f"{row.get('energy_per_1k_tokens_j', 'unknown')} J per 1k tokens")
+
+
 def markdown_report(config_summary: dict, rows: list[dict], selection: Selection, stage_energy: list[dict],
                     mlflow_link: str) -> str:
     """The run's story in markdown. `stage_energy`: `EnergyResult.to_dict()` records (name, energy_j,
@@ -134,10 +162,10 @@ def markdown_report(config_summary: dict, rows: list[dict], selection: Selection
     unit = OBJECTIVE_UNITS[selection.objective]
     lines = [f"# wattflow: ship **{selection.champion}**", "",
              f"**Why:** {selection.reason}", "",
-             f"- objective: lowest `{selection.objective}` ({unit}), within **{selection.accuracy_budget_points:g} "
-             f"accuracy points** (absolute) of the baseline `{selection.baseline}`",
+             f"- objective: lowest `{selection.objective}` ({unit}), within {_budget(selection)} of the baseline "
+             f"`{selection.baseline}`",
              f"- champion: accuracy {champion['accuracy']} (Δ {champion.get('delta_accuracy_points', 'unknown')} "
-             f"points), {champion.get(ENERGY, 'unknown')} J per 1k inferences "
+             f"points{_perplexity(champion)}), {champion.get(ENERGY, 'unknown')} J per 1k inferences "
              f"({champion.get('inference_energy_method', 'unknown')}), "
              f"{champion.get('deployable_bytes', 'unknown')} deployable bytes",
              f"- Pareto front: {', '.join(selection.front)}",
@@ -146,8 +174,8 @@ def markdown_report(config_summary: dict, rows: list[dict], selection: Selection
              f"{selection.best_int8_only or 'none'}, best pruned-only: {selection.best_pruned_only or 'none'})",
              f"- MLflow run: [{mlflow_link}]({mlflow_link})", "",
              "## Variants", "",
-             *_table([*REPORT_COLUMNS.values(), "selection"],
-                     [[r.get(k, "unknown") for k in REPORT_COLUMNS] + [_marks(r["variant"], selection)]
+             *_table([*report_columns(rows).values(), "selection"],
+                     [[r.get(k, "unknown") for k in report_columns(rows)] + [_marks(r["variant"], selection)]
                       for r in rows]), "",
              "Δ points: accuracy minus the baseline's, in percentage points. ratio: the baseline's deployable "
              "bytes over the variant's. Latency: median.", "",

@@ -39,6 +39,7 @@ def summary_rows(variants: list[StageResult], figures: list[VariantFigures]) -> 
             # Absolute percentage points vs the trained model (-0.28: 0.28 points less accurate).
             "delta_accuracy_points": sig(None if accuracy is None or base.accuracy is None
                                          else (accuracy - base.accuracy) * 100.0, 3),
+            **_perplexity(f, base),
             "size_bytes": f.size_bytes if f.size_bytes is not None else UNKNOWN,
             "size_vs_train_file": sig(_ratio(f.size_bytes, base.size_bytes), 3),
             "size_lzma_bytes": f.size_lzma_bytes if f.size_lzma_bytes is not None else UNKNOWN,
@@ -52,25 +53,38 @@ def summary_rows(variants: list[StageResult], figures: list[VariantFigures]) -> 
             "stage_energy_flags": ",".join([*energy.flags, *(["cached"] if v.cached else [])]) or "-",
             "stage_duration_s": sig(energy.duration_s, 3),
             "energy_per_1k_inferences_j": sig(f.energy_per_1k_inferences_j, 3),
+            **({"energy_per_1k_tokens_j": sig(f.energy_per_1k_tokens_j, 3), "tokens_per_s": sig(f.tokens_per_s, 3)}
+               if f.tokens_per_sample else {}),
             "inference_energy_method": f.energy_method,
         })
     return rows
 
 
+def _perplexity(f: VariantFigures, base: VariantFigures) -> dict:
+    """Language models: perplexity and its increase over the trained model's, in percent."""
+    ppl, base_ppl = f.scores.get("perplexity"), base.scores.get("perplexity")
+    if ppl is None and base_ppl is None:
+        return {}
+    return {"perplexity": sig(ppl), "delta_perplexity_percent": sig(None if ppl is None or base_ppl is None
+                                                                     else (ppl / base_ppl - 1.0) * 100.0, 3)}
+
+
 # Terminal column -> header: short enough for a 120-column terminal; a latency column per batch size goes
 # after "deploy x".
 TERMINAL_COLUMNS = {
-    "variant": "variant", "accuracy": "test acc", "delta_accuracy_points": "Δ pts", "size_bytes": "file B",
+    "variant": "variant", "accuracy": "test acc", "delta_accuracy_points": "Δ pts", "perplexity": "ppl",
+    "delta_perplexity_percent": "Δ ppl %", "size_bytes": "file B",
     "deployable_bytes": "deploy B", "deployable_compression_ratio": "deploy x",
     "stage_energy_j": "stage J", "stage_duration_s": "stage s", "stage_energy_flags": "stage flags",
-    "energy_per_1k_inferences_j": "J/1k inf",
+    "energy_per_1k_inferences_j": "J/1k inf", "energy_per_1k_tokens_j": "J/1k tok",
 }
 
 
 def terminal_columns(rows: list[dict]) -> dict[str, str]:
     latency = sorted((k for k in (rows[0] if rows else {}) if k.startswith("latency_b") and k.endswith("_ms")),
                      key=lambda k: int(k[len("latency_b"):-len("_ms")]))
-    items = list(TERMINAL_COLUMNS.items())
+    present = rows[0] if rows else TERMINAL_COLUMNS  # a workload's own columns (perplexity) only where it has them
+    items = [(k, h) for k, h in TERMINAL_COLUMNS.items() if k in present or k == "deployable_compression_ratio"]
     at = [k for k, _ in items].index("deployable_compression_ratio") + 1
     return dict(items[:at] + [(k, f"b{k[len('latency_b'):-len('_ms')]} ms") for k in latency] + items[at:])
 

@@ -43,6 +43,7 @@ class Selection(BaseModel):
     baseline: str
     objective: Objective
     accuracy_budget_points: float
+    perplexity_budget_percent: float | None = None  # language models: the budget applied instead of accuracy
     in_budget: list[str]          # within budget, accuracy known (the baseline always is)
     front: list[str]              # Pareto-optimal rows, table order
     best_int8_only: str | None    # chain: train -> one int8 quantize step
@@ -80,6 +81,12 @@ def accuracy_drop_points(rows: list[dict], index: int) -> float | None:
     return (base - acc) * 100.0 if known(acc) and known(base) else None
 
 
+def perplexity_increase_percent(rows: list[dict], index: int) -> float | None:
+    """This row's perplexity over the baseline's, as a percent increase; None when unknown."""
+    ppl, base = rows[index].get("perplexity", UNKNOWN), rows[0].get("perplexity", UNKNOWN)
+    return (ppl / base - 1.0) * 100.0 if known(ppl) and known(base) else None
+
+
 def _rank_key(row: dict, index: int, objective: str) -> tuple:
     def low(value) -> tuple:  # unknown after every known value
         return (0, value) if known(value) else (1, 0.0)
@@ -113,9 +120,12 @@ def _best(rows: list[dict], candidates: list[int], in_budget: set[int], objectiv
 
 
 def select_champion(rows: list[dict], accuracy_budget_points: float = 0.5,
-                    objective: Objective = "energy_per_1k_inferences_j") -> Selection:
+                    objective: Objective = "energy_per_1k_inferences_j",
+                    perplexity_budget_percent: float | None = None) -> Selection:
     """The champion: lowest `objective` among the rows within `accuracy_budget_points` (absolute percentage
-    points) of the baseline, rows[0]; equal objectives prefer a Pareto-optimal row. For an objective that is a
+    points) of the baseline, rows[0] — or, given `perplexity_budget_percent` (language models), among the rows
+    whose perplexity is at most that many percent above the baseline's; equal objectives prefer a
+    Pareto-optimal row. For an objective that is a
     front axis the winner is on the front anyway (a row dominating an in-budget row is in budget, no worse);
     latency at batch 256 is not an axis, so the front cannot be a filter."""
     if not rows:
@@ -130,19 +140,27 @@ def select_champion(rows: list[dict], accuracy_budget_points: float = 0.5,
                          "relative to it; evaluate the trained model first")
     names = [r["variant"] for r in rows]
     front = pareto_front(rows)
-    in_budget = {i for i in range(len(rows)) if (d := accuracy_drop_points(rows, i)) is not None
-                 and d <= accuracy_budget_points + _BUDGET_SLACK_POINTS}
+    if perplexity_budget_percent is not None:
+        if not known(rows[0].get("perplexity", UNKNOWN)):
+            raise ValueError(f"a perplexity budget needs the baseline's perplexity; {rows[0].get('variant')!r} has "
+                             "none (is the workload a language model?)")
+        in_budget = {i for i in range(len(rows)) if (d := perplexity_increase_percent(rows, i)) is not None
+                     and d <= perplexity_budget_percent + _BUDGET_SLACK_POINTS}
+    else:
+        in_budget = {i for i in range(len(rows)) if (d := accuracy_drop_points(rows, i)) is not None
+                     and d <= accuracy_budget_points + _BUDGET_SLACK_POINTS}
     eligible = [i for i in sorted(in_budget) if known(rows[i].get(objective, UNKNOWN))]
     on_front = set(front)
     champion = min(eligible, key=lambda i: (rows[i][objective], i not in on_front, _rank_key(rows[i], i, objective))
                    ) if eligible else 0
-    reason = _reason(rows, champion, eligible, in_budget, objective, accuracy_budget_points)
+    reason = _reason(rows, champion, eligible, in_budget, objective, accuracy_budget_points, perplexity_budget_percent)
     best_int8 = _best(rows, [i for i, r in enumerate(rows) if is_int8_only(r)], in_budget, objective)
     best_pruned = _best(rows, [i for i, r in enumerate(rows) if is_pruned_only(r)], in_budget, objective)
     comparison = list(dict.fromkeys(names[i] for i in (0, champion, best_int8, best_pruned) if i is not None))
     return Selection(
         champion_index=champion, champion=names[champion], baseline=names[0], objective=objective,
-        accuracy_budget_points=accuracy_budget_points, in_budget=[names[i] for i in sorted(in_budget)],
+        accuracy_budget_points=accuracy_budget_points, perplexity_budget_percent=perplexity_budget_percent,
+        in_budget=[names[i] for i in sorted(in_budget)],
         front=[names[i] for i in front], best_int8_only=None if best_int8 is None else names[best_int8],
         best_pruned_only=None if best_pruned is None else names[best_pruned], comparison=comparison,
         reason=reason)
@@ -155,9 +173,18 @@ def exact_rows(rows: list[dict], figures: list) -> list[dict]:
     def exact(value: float | None, scale: float = 1.0):
         return UNKNOWN if value is None else value * scale
 
-    return [{**r, "accuracy": exact(f.accuracy), "energy_per_1k_inferences_j": exact(f.energy_per_1k_inferences_j),
+    return [{**r, "accuracy": exact(f.accuracy), "perplexity": exact(f.scores.get("perplexity")),
+             "energy_per_1k_inferences_j": exact(f.energy_per_1k_inferences_j),
              "deployable_bytes": exact(f.deployable_bytes), "latency_b1_ms": exact(f.latency_s.get(1), 1e3),
              "latency_b256_ms": exact(f.latency_s.get(256), 1e3)} for r, f in zip(rows, figures, strict=True)]
+
+
+def select_for(cfg, rows: list[dict], figures: list, budget_metric: str = "accuracy") -> Selection:
+    """The champion under a pipeline configuration's `select` section, on the exact figures (the rows are rounded
+    for display); `budget_metric` is the workload's ("perplexity" applies `select.perplexity_budget_percent`)."""
+    s = cfg.select
+    return select_champion(exact_rows(rows, figures), s.accuracy_budget_points, s.objective,
+                           s.perplexity_budget_percent if budget_metric == "perplexity" else None)
 
 
 def comparison_names(rows: list[dict], selection: Selection) -> list[str]:
@@ -167,27 +194,32 @@ def comparison_names(rows: list[dict], selection: Selection) -> list[str]:
 
 
 def _reason(rows: list[dict], champion: int, eligible: list[int], in_budget: set[int], objective: str,
-            budget: float) -> str:
+            budget: float, ppl_budget: float | None = None) -> str:
     unit = OBJECTIVE_UNITS[objective]
     base = rows[0]
+    within = f"{budget:g} accuracy points" if ppl_budget is None else f"+{ppl_budget:g}% perplexity"
     if champion != 0:
         row = rows[champion]
-        drop = accuracy_drop_points(rows, champion)
         versus = (f"{_g(base[objective])} for the baseline" if known(base.get(objective, UNKNOWN))
                   else "unknown for the baseline")
+        if ppl_budget is None:
+            quality = (f"accuracy {_g(row['accuracy'])} vs {_g(base['accuracy'])}: "
+                       f"{_signed_points(-accuracy_drop_points(rows, champion))}")
+        else:
+            quality = (f"perplexity {_g(row['perplexity'])} vs {_g(base['perplexity'])}: "
+                       f"{perplexity_increase_percent(rows, champion):+.2f}%")
         return (f"{row['variant']} has the lowest {objective} ({_g(row[objective])} {unit}; {versus}) among the "
-                f"{len(eligible)} variant(s) within {budget:g} accuracy points of "
-                f"{base['variant']} (accuracy {_g(row['accuracy'])} vs {_g(base['accuracy'])}: "
-                f"{_signed_points(-drop)}).")
+                f"{len(eligible)} variant(s) within {within} of {base['variant']} ({quality}).")
     others_in_budget = sorted(in_budget - {0})
     if not others_in_budget:
-        return (f"no variant is within {budget:g} accuracy points of {base['variant']} (accuracy "
-                f"{_g(base['accuracy'])}), so the baseline stays the champion.")
+        quality = (f"accuracy {_g(base['accuracy'])}" if ppl_budget is None
+                   else f"perplexity {_g(base['perplexity'])}")
+        return f"no variant is within {within} of {base['variant']} ({quality}), so the baseline stays the champion."
     if not eligible:
-        return (f"{objective} is unknown for every variant within {budget:g} accuracy points, so nothing can "
+        return (f"{objective} is unknown for every variant within {within}, so nothing can "
                 f"be shown to beat the baseline {base['variant']}; it stays the champion.")
     return (f"the baseline {base['variant']} has the lowest {objective} ({_g(base[objective])} {unit}) among the "
-            f"{len(eligible)} variant(s) within {budget:g} accuracy points; no compressed "
+            f"{len(eligible)} variant(s) within {within}; no compressed "
             f"variant beats it.")
 
 

@@ -163,7 +163,12 @@ def _prune_structured(model: nn.Module, spec: dict[str, Any], sparsity: float, l
     """Remove outputs of the eligible layers in place; return their widths (before, after)."""
     layers = [m for m, _ in prunable_modules(model)]
     allowed = _types(layer_types)
-    eligible = [m for m in layers if isinstance(m, allowed) and m not in kept]  # kept: the head's outputs are classes
+    # A model may say what structured pruning must keep and which layers are attention heads (wattflow.zoo.gpt:
+    # whole heads and MLP neurons go, the residual width stays).
+    hints = model.pruning_hints() if hasattr(model, "pruning_hints") else {}
+    fixed = list(hints.get("ignored_layers", ()))
+    heads = hints.get("num_heads", {})
+    eligible = [m for m in layers if isinstance(m, allowed) and m not in kept and m not in fixed]  # kept: the head
     if not eligible:
         raise ValueError(f"structured pruning of a {spec.get('kind') or spec.get('factory')} with layer_types="
                          f"{layer_types} has no layer whose outputs could be removed")
@@ -174,11 +179,15 @@ def _prune_structured(model: nn.Module, spec: dict[str, Any], sparsity: float, l
     # keep their outputs but still lose the inputs their producers lose.
     # torch-pruning keeps int(width * (1 - ratio)) outputs and silently skips a layer it would empty: cap
     # each layer's ratio so that one output survives (the epsilon guards the float product against flooring).
-    ratios = {m: max(0.0, min(sparsity, 1.0 - (1.0 + 1e-6) / _out_width(m))) for m in eligible}
+    ratios = {m: max(0.0, min(sparsity, 1.0 - (1.0 + 1e-6) / _out_width(m))) for m in eligible if m not in heads}
+    # Attention: whole heads of q, k and v together (torch-pruning's num_heads), never part of a head.
+    head_options = dict(num_heads=heads, prune_num_heads=True, prune_head_dims=False,
+                        head_pruning_ratio=sparsity) if heads else {}
     pruner = tp.pruner.MetaPruner(
         model, example,
         importance=tp.importance.MagnitudeImportance(p=1), pruning_ratio=sparsity, pruning_ratio_dict=ratios,
-        ignored_layers=[m for m in layers if m not in eligible], iterative_steps=len(epochs),
+        ignored_layers=[m for m in layers if m not in eligible] + [m for m in fixed if m not in layers],
+        iterative_steps=len(epochs), **head_options,
         iterative_pruning_ratio_scheduler=lambda final, steps: [cubic_sparsity(final, t, steps)
                                                                 for t in range(steps + 1)])
     for step, round_epochs in enumerate(epochs, start=1):

@@ -37,6 +37,7 @@ class Workload:
     name = "base"
     primary_metric = "accuracy"
     higher_is_better = True
+    budget_metric = "accuracy"  # what select's budget limits: "accuracy" (points) or "perplexity" (percent)
 
     def __init__(self, cfg: PipelineConfig):
         self.cfg = cfg
@@ -81,6 +82,10 @@ class Workload:
 
     def check(self) -> None:
         """Everything that can fail about the data and the model, now, before any expensive work."""
+
+    def sample(self, checkpoint: str) -> str | None:
+        """A short example of what the model at `checkpoint` produces, for the report (None: nothing to show)."""
+        return None
 
 
 @lru_cache(maxsize=8)

@@ -35,6 +35,7 @@ class LanguageModel(Workload):
     name = "language-model"
     primary_metric = "accuracy"  # what training validates on: a per-token mean, exact when ranks combine shards
     higher_is_better = True
+    budget_metric = "perplexity"
 
     def meta(self) -> dict[str, Any]:
         return {**super().meta(), "tokens_per_sample": int(self.splits.input_shape[0])}
@@ -78,6 +79,19 @@ class LanguageModel(Workload):
         if missing and self.cfg.train.keep_layers is not None:
             raise WorkloadError(f"train.keep_layers names {missing}, which the model does not have")
         return [modules[n] for n in names if n in modules]
+
+    def sample(self, checkpoint: str, prompt_tokens: int = 32, new_tokens: int = 120) -> str | None:
+        """A greedy continuation of the start of the test text, prompt and continuation split by '▌'."""
+        from wattflow.datasets.text import decode
+        from wattflow.models import load_checkpoint
+
+        model, _, meta = load_checkpoint(checkpoint)
+        vocab = meta.get("preprocessing", {}).get("vocab")
+        if not hasattr(model, "generate") or not vocab:
+            return None
+        prompt = torch.from_numpy(self.example_inputs(1))[:, :prompt_tokens]
+        out = model.eval().generate(prompt, new_tokens)[0].tolist()
+        return decode(out[:prompt_tokens], vocab) + "▌" + decode(out[prompt_tokens:], vocab)
 
     def check(self) -> None:
         s = self.splits  # DataError for a bad file

@@ -96,6 +96,15 @@ class GPT(nn.Module):
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         return self.step(tokens)[0]
 
+    def pruning_hints(self) -> dict:
+        """For structured pruning (torch-pruning): remove whole attention heads (q, k and v together) and MLP
+        neurons; keep the residual width (embeddings, norms, the output projections and the head)."""
+        heads = {p: b.attn.q.out_features // b.attn.head_dim for b in self.blocks
+                 for p in (b.attn.q, b.attn.k, b.attn.v)}
+        fixed = [self.wte, self.wpe, self.ln_f, self.lm_head,
+                 *(m for b in self.blocks for m in (b.ln_1, b.ln_2, b.attn.proj, b.mlp.proj))]
+        return {"num_heads": heads, "ignored_layers": fixed}
+
     def step(self, tokens: torch.Tensor, cache: Cache | None = None) -> tuple[torch.Tensor, Cache]:
         """Logits for `tokens` [N, T] following the cached ones, and the cache extended by them."""
         start = 0 if not cache else cache[0][0].shape[2]
