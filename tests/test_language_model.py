@@ -146,3 +146,13 @@ def test_head_pruning_removes_whole_heads_and_neurons_and_reloads(small, tmp_pat
         assert torch.isfinite(pruned(x)).all()
     assert torch.equal(pruned.generate(x[:, :4], 20, use_cache=True), pruned.generate(x[:, :4], 20, use_cache=False))
     assert out.params_after < 0.7 * out.params_before
+
+
+def test_a_two_four_chain_on_a_model_with_narrow_layers_fails_before_any_work(tmp_path):
+    cfg = lm_config(tmp_path, embedded_corpus()[:20_000], n_embd=36, n_head=4)  # head_dim 9: q/k/v fine, 36 % 4 == 0
+    check_workload(cfg)
+    narrow = cfg.model_copy(update={"train": cfg.train.model_copy(update={"model_kwargs": {**TINY, "n_embd": 18,
+                                                                                           "n_head": 2}}),
+                                    "chains": [cfg.chains[0].model_validate("wanda:2:4")]})
+    with pytest.raises(WorkloadError, match=r"wanda:2:4.*multiples of 4.*blocks.0.attn.q': 18"):
+        check_workload(narrow)

@@ -19,10 +19,12 @@ from flows.pipeline import pipeline
 from wattflow.config import PipelineConfig, load_config
 from wattflow.data import first_samples
 from wattflow.datasets.sample_images import write_digit_images
+from wattflow.datasets.text import embedded_corpus
 from wattflow.workloads import workload_for
 
 pytestmark = pytest.mark.integration
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "bring-your-own"
+RECIPES = Path(__file__).resolve().parents[1] / "deployments" / "recipes"
 
 ENERGY_METHODS = {"estimated:cpu-time", "measured:rapl", "measured:nvml", "measured:nvml+measured:rapl",
                   "estimated:cpu-time+measured:nvml"}
@@ -200,3 +202,42 @@ def test_bring_your_own_example_runs_every_chain_and_ships_a_usable_model(prefec
     x = first_samples(workload_for(cfg).splits.test, 5)
     scores = model.predict(x)
     assert isinstance(scores, np.ndarray) and scores.shape == (5, 10)
+
+
+def test_the_gpt_recipe_runs_every_chain_and_ships_a_model_that_returns_next_token_logits(prefect_server, mlflow_uri,
+                                                                                         tmp_path):
+    """deployments/recipes/gpt-char.yaml, small: a tiny GPT on the start of the embedded corpus."""
+    (tmp_path / "corpus.txt").write_text(embedded_corpus()[:40_000], encoding="utf-8")
+    recipe = load_config(RECIPES / "gpt-char.yaml").model_dump(mode="json")
+    recipe["work_dir"] = str(tmp_path / "artifacts")
+    recipe["experiment"] = f"gpt-{uuid.uuid4().hex[:6]}"
+    recipe["data"].update(path=str(tmp_path / "corpus.txt"), block_size=16, val_fraction=0.1, test_fraction=0.1)
+    recipe["train"].update(epochs=1, cpu_ranks=2, model_kwargs={"n_layer": 2, "n_head": 4, "n_embd": 32})
+    recipe["distill"].update(epochs=1, student_model_kwargs={"n_layer": 1, "n_head": 2, "n_embd": 16})
+    recipe["chains"] = ["wanda:0.5", "magnitude:2:4", "channels:0.5", "distill -> onnx-int8-dynamic", "kmeans-4bit"]
+    recipe["eval"].update(repeats=2, warmup=1, energy_inferences=64, energy_min_window_s=0.1)
+    cfg = PipelineConfig.model_validate(recipe)
+    result = pipeline(cfg)
+
+    client = MlflowClient(mlflow_uri)
+    parent = client.get_run(result["mlflow_run_id"])
+    children = client.search_runs([parent.info.experiment_id],
+                                  filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
+    assert {c.info.run_name for c in children} == {"train", "wanda-0.5", "magnitude-2of4", "channels-0.5", "distill",
+                                                   "distill+onnx-int8-dynamic", "kmeans-4bit"}
+    for run in children:
+        assert run.info.status == "FINISHED"
+        assert {"accuracy", "perplexity", "size_bytes", "energy_j", "energy_per_1k_tokens_j"} <= set(run.data.metrics)
+        assert run.data.tags["energy.method"]
+    assert by_name_metric(children, "magnitude-2of4", "sparsity") == pytest.approx(0.5, abs=0.01)
+    report = (Path(result["run_dir"]) / "selection" / "report.md").read_text()
+    assert "perplexity" in report and "sample of the trained model" in report
+    model = mlflow.pyfunc.load_model("models:/wattflow-corpus@champion")
+    tokens = first_samples(workload_for(cfg).splits.test, 3)
+    logits = model.predict(tokens)
+    vocab = workload_for(cfg).splits.num_classes
+    assert tokens.dtype == np.int64 and np.asarray(logits).shape == (3, 16, vocab)
+
+
+def by_name_metric(runs, name: str, metric: str) -> float:
+    return next(r for r in runs if r.info.run_name == name).data.metrics[metric]

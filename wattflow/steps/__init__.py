@@ -53,6 +53,10 @@ class Step(BaseModel):
         """The configuration its output depends on, beyond its own fields (for the cache key)."""
         return {}
 
+    def check(self, model, kept: list) -> None:
+        """Raise ValueError (naming the step and the layer) when the step cannot apply to the trained model
+        (`model`, freshly built; `kept`: its layers pruning never touches) — before any work starts."""
+
     def available(self) -> tuple[bool, str]:
         """(True, note) when it can run on this machine, else (False, why): the variant is then skipped."""
         return True, ""

@@ -63,6 +63,19 @@ class SparsifyStep(Step):
     def compact(self) -> str:
         return f"{self.score}:{self.sparsity!r}" if self.pattern is None else f"{self.score}:{self.pattern}"
 
+    def check(self, model, kept: list) -> None:
+        if self.pattern is None:
+            return
+        from torch import nn
+
+        m = self.nm()[1]
+        narrow = {name: layer.in_features for name, layer in model.named_modules()
+                  if isinstance(layer, nn.Linear) and layer not in kept and layer.in_features % m}
+        if narrow:
+            raise ValueError(f"chain step {self.compact()}: {self.pattern} sparsity needs Linear input widths that "
+                             f"are multiples of {m}; these layers are not: {narrow} (keep them in train.keep_layers "
+                             "or use a sparsity instead of a pattern)")
+
     def settings(self, cfg) -> dict[str, Any]:
         return {"calibration_samples": cfg.quantize.calibration_samples, "keep_layers": cfg.train.keep_layers}
 

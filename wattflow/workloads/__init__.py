@@ -22,6 +22,7 @@ from torch import nn
 
 from wattflow.config import PipelineConfig
 from wattflow.data import Splits, first_samples, splits_for
+from wattflow.models import build_model
 from wattflow.plugins import Registry
 
 WORKLOADS: Registry = Registry("workload")
@@ -102,6 +103,14 @@ def check_workload(cfg: PipelineConfig) -> Workload:
     """Load the data and build the model now: a bad file, factory or output shape fails in seconds."""
     workload = workload_for(cfg)
     workload.check()
+    model = build_model(workload.model_spec())
+    kept = workload.keep_layers(model)
+    for chain in cfg.chains:
+        for step in chain.steps:
+            try:
+                step.check(model, kept)
+            except ValueError as err:
+                raise WorkloadError(str(err)) from None
     return workload
 
 
