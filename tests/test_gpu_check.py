@@ -9,6 +9,11 @@ def test_gpu_check_runs_end_to_end_on_a_simulated_gpu(tmp_path, monkeypatch, cap
     assert "simulated:nvml" in capsys.readouterr().out
     result = json.loads((tmp_path / "bench/results/gpu_check.json").read_text())
     assert result["method"] == "simulated:nvml"
-    assert [r["window"] for r in result["rows"]] == ["train", "evaluate", "matmul-bf16"]
+    assert [r["window"] for r in result["rows"]] == ["train", "evaluate", "matmul-bf16", "lm-train",
+                                                     "lm-generate-kv-cache"]
+    # the CUDA-only LM runtimes say why they did not run
+    assert [line.split(":")[0] for line in result["not_run"]] == [
+        "lm-score-torchao-int8-weight-only", "lm-score-torchao-int4-weight-only", "lm-score-sparse-2"]
+    assert all("CUDA only" in line for line in result["not_run"])
     for row in result["rows"]:  # FakeNvml's counter and power agree, so the two readings must too
         assert row["counter_j"] > 0 and abs(row["relative_difference"]) < 0.05

@@ -5,8 +5,11 @@ same windows? Run it on a machine with an NVIDIA GPU:
     python -m wattflow.gpu_check --fake  (a simulated GPU, to try the script anywhere; labelled simulated)
 
 Windows: brief DDP training (torchrun, one rank per GPU), evaluation of the trained model, and a steady
-bf16 matmul load. Prints one row per window and GPU, writes bench/results/gpu_check.json, and exits 1 when
-a window with both readings disagrees by more than --tolerance (default 5%), 2 when there is no GPU.
+bf16 matmul load; then the language model (wattflow.zoo.gpt on the embedded corpus): DDP training (NCCL on
+GPUs), KV-cache generation at batch 1, the scoring pass with torchao int8 and int4 weight-only, and with 2:4
+sparse kernels (torchao semi-structured, compute capability >= 8.0). A window whose runtime cannot run here is
+listed with the reason instead. Prints one row per window and GPU, writes bench/results/gpu_check.json, and
+exits 1 when a window with both readings disagrees by more than --tolerance (default 5%), 2 when there is no GPU.
 """
 
 from __future__ import annotations
@@ -76,6 +79,82 @@ def evaluation_load(checkpoint: str, device: str, seconds: float) -> Callable[[]
     return work
 
 
+LM_CONFIG = {"workload": "language-model", "data": {"dataset": "text", "val_fraction": 0.05, "test_fraction": 0.05},
+             "train": {"model": "gpt", "model_kwargs": {"n_layer": 4, "n_head": 4, "n_embd": 128},
+                       "optimizer": "adamw", "lr": 0.002, "epochs": 1, "batch_size": 64}}
+
+
+def lm_generation_load(checkpoint: str, device: str, seconds: float) -> Callable[[], None]:
+    def work() -> None:
+        model = load_checkpoint(checkpoint)[0].to(device).eval()
+        prompt = torch.zeros(1, 8, dtype=torch.int64, device=device)
+        deadline = time.perf_counter() + seconds
+        while time.perf_counter() < deadline:
+            model.generate(prompt, 56)
+        if device == "cuda":
+            torch.cuda.synchronize()
+    return work
+
+
+def lm_scoring_load(checkpoint: str, device: str, seconds: float, variant: str) -> Callable[[], None]:
+    """The scoring pass at batch 64 under `variant`: "torchao-int8-weight-only", "torchao-int4-weight-only" or
+    "sparse-2:4" (magnitude 2:4 masks, then torchao's semi-structured sparse kernels). Raises RuntimeError with
+    the reason when that runtime cannot run here."""
+    model, spec, meta = load_checkpoint(checkpoint)
+    if device != "cuda":
+        raise RuntimeError(f"{variant} runs on CUDA only (here: {device})")
+    model = model.to(device).eval()
+    if variant == "sparse-2:4":
+        from torchao.sparsity import semi_sparse_weight, sparsify_
+
+        if torch.cuda.get_device_capability() < (8, 0):
+            raise RuntimeError("2:4 sparse kernels need compute capability >= 8.0")
+        from wattflow.compress.wanda import nm_mask
+
+        with torch.no_grad():
+            for m in model.modules():
+                if isinstance(m, torch.nn.Linear) and m is not model.lm_head:
+                    m.weight.mul_(nm_mask(m.weight.abs(), 2, 4))
+        model = model.half()
+        sparsify_(model, semi_sparse_weight(), lambda m, name: isinstance(m, torch.nn.Linear) and
+                  name != "lm_head")
+    else:
+        from torchao import quantization as tq
+
+        config = (tq.Int8WeightOnlyConfig() if variant == "torchao-int8-weight-only"
+                  else tq.Int4WeightOnlyConfig(group_size=32))
+        model = model.to(torch.bfloat16)
+        tq.quantize_(model, config)
+    x = torch.randint(0, spec["vocab_size"], (64, spec["block_size"]), device=device)
+
+    def work() -> None:
+        deadline = time.perf_counter() + seconds
+        with torch.inference_mode():
+            while time.perf_counter() < deadline:
+                model(x)
+        torch.cuda.synchronize()
+    return work
+
+
+def lm_windows(backend: NvmlBackend, device: str, tmp: str, seconds: float) -> tuple[list[dict], list[str]]:
+    """The language-model windows; the second list says which could not run here and why."""
+    small = {"model_kwargs": {"n_layer": 2, "n_head": 2, "n_embd": 32}} if device != "cuda" else {}  # CPU: a try
+    cfg = PipelineConfig.model_validate({**LM_CONFIG, "train": {**LM_CONFIG["train"], **small}})
+    out: dict = {}
+    rows = measure(backend, "lm-train", lambda: out.update(ckpt=launch_training(cfg, f"{tmp}/lm", lambda _: None)))
+    ckpt = out["ckpt"].checkpoint
+    rows += measure(backend, "lm-generate-kv-cache", lm_generation_load(ckpt, device, seconds))
+    skipped = []
+    for variant in ("torchao-int8-weight-only", "torchao-int4-weight-only", "sparse-2:4"):
+        try:
+            work = lm_scoring_load(ckpt, device, seconds, variant)
+        except Exception as err:  # an optional runtime: say why, keep the other windows
+            skipped.append(f"lm-score-{variant}: {type(err).__name__}: {err}")
+            continue
+        rows += measure(backend, f"lm-score-{variant}", work)
+    return rows, skipped
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--fake", action="store_true", help="simulated GPU (FakeNvml); figures say simulated")
@@ -99,6 +178,8 @@ def main(argv: list[str] | None = None) -> int:
         rows += measure(backend, "train", lambda: out.update(ckpt=launch_training(cfg, tmp, lambda _: None)))
         rows += measure(backend, "evaluate", evaluation_load(out["ckpt"].checkpoint, device, args.seconds))
         rows += measure(backend, "matmul-bf16", matmul_load(device, args.seconds))
+        lm_rows, skipped = lm_windows(backend, device, tmp, args.seconds)
+        rows += lm_rows
     method = "simulated:nvml" if args.fake else "measured:nvml"
     table = Table(title=f"GPU energy check ({method}): counter vs power integral, {device} workload")
     for col in ("window", "device", "duration_s", "counter_j", "power_integral_j", "difference", "avg_power_w"):
@@ -111,8 +192,10 @@ def main(argv: list[str] | None = None) -> int:
                       _num(r["power_integral_j"]), "unknown" if diff is None else f"{diff:+.2%}",
                       _num(r["avg_power_w"]))
     console.print(table)
+    for line in skipped:
+        console.print(f"[yellow]not run here: {line}[/yellow]")
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps({"method": method, "workload_device": device, "rows": rows,
+    RESULTS.write_text(json.dumps({"method": method, "workload_device": device, "rows": rows, "not_run": skipped,
                                    "gpus": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
                                    if device == "cuda" else []}, indent=2))
     console.print(f"written to {RESULTS}")
