@@ -89,9 +89,11 @@ def pipeline(config: PipelineConfig = PipelineConfig()) -> dict:  # noqa: B008 (
         create_table_artifact(table=rows, key="wattflow-variants",
                               description=f"wattflow variants — MLflow parent run `{parent}`")
         selection = select(config, rows, figures)
-        aliases = ship(config, parent, run_dir, experiment_id, selection, variants, rows, total.result.to_dict())
+        aliases, registry_note = ship(config, parent, run_dir, experiment_id, selection, variants, rows,
+                                      total.result.to_dict())
     return {"mlflow_run_id": parent, "rows": rows, "champion": selection.champion, "reason": selection.reason,
-            "registered": aliases, "run_dir": run_dir, "sync_command": tracker.sync_command() if tracker.offline
+            "registered": aliases, "registry_note": registry_note, "run_dir": run_dir,
+            "sync_command": tracker.sync_command() if tracker.offline
             else None}
 
 
@@ -114,8 +116,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.json_out:
         args.json_out.write_text(json.dumps(result, indent=2))
     console.print(rich_table(result["rows"], champion=result["champion"]))
-    console.print(f"Champion: {result['champion']} ({result['reason']}); registered as "
-                  + ", ".join(f"{alias} = v{v}" for alias, v in result["registered"].items()))
+    registered = ", ".join(f"{alias} = v{v}" for alias, v in result["registered"].items())
+    console.print(f"Champion: {result['champion']} ({result['reason']}); "
+                  + (f"registered as {registered}" if registered else "aliases not moved"))
+    if result["registry_note"]:
+        console.print(f"[yellow]{result['registry_note']}[/yellow]", highlight=False)
     console.print(f"MLflow parent run: {result['mlflow_run_id']} (store: {Tracker().tracking_uri})")
     if result["sync_command"]:
         console.print(f"[yellow]MLflow was unreachable during the run: the writes wait in {result['run_dir']}; "

@@ -14,7 +14,7 @@ from prefect.runtime import flow_run
 
 from wattflow.config import PipelineConfig
 from wattflow.figures import comparison_csv, markdown_report, pareto_png
-from wattflow.registry import register_variants
+from wattflow.registry import AliasRefused, register_variants
 from wattflow.select import Selection, select_for
 from wattflow.stages import StageResult, VariantFigures
 from wattflow.tracking import Tracker
@@ -40,21 +40,28 @@ def mlflow_link(tracker: Tracker, experiment_id: str, run_id: str) -> str:
 
 @task(name="ship", cache_policy=NO_CACHE)
 def ship(cfg: PipelineConfig, parent_run_id: str, run_dir: str, experiment_id: str, selection: Selection,
-         variants: list[StageResult], rows: list[dict], pipeline_energy: dict) -> dict[str, str]:
-    """Register champion and baseline, and publish the plot, CSV and report. Returns alias -> version."""
+         variants: list[StageResult], rows: list[dict], pipeline_energy: dict) -> tuple[dict[str, str], str | None]:
+    """Register champion and baseline, and publish the plot, CSV and report. Returns (alias -> version, a note
+    when the registry was not updated as asked, else None)."""
     tracker = Tracker(journal_dir=run_dir)
     workload = workload_for(cfg)
     model_name = workload.registered_model_name
+    registry_note = None
     if tracker.offline:  # the registry is not journaled: register after `wattflow.sync`, by hand
-        get_run_logger().warning("MLflow is unreachable: the champion (%s) is not registered", selection.champion)
+        registry_note = f"MLflow is unreachable: the champion ({selection.champion}) is not registered"
+        get_run_logger().warning(registry_note)
         aliases = {}
     else:
-        aliases = register_variants(tracker, selection, variants, rows, model_name, str(flow_run.id))
+        try:
+            aliases = register_variants(tracker, selection, variants, rows, model_name, str(flow_run.id))
+        except AliasRefused as refused:
+            get_run_logger().warning("registry: %s", refused)
+            aliases, registry_note = {}, str(refused)
     summary = {"workload": workload.name, "data": workload.splits.identity.get("source"),
                "model": cfg.train.model if isinstance(cfg.train.model, str) else cfg.train.model.factory,
                "epochs": cfg.train.epochs, "chains": [" -> ".join(c.labels) for c in cfg.chains],
                "select": cfg.select.model_dump(), "energy backend": cfg.energy.backend,
-               "registered": {alias: f"{model_name} v{v}" for alias, v in aliases.items()}}
+               "registered": {alias: f"{model_name} v{v}" for alias, v in aliases.items()} or registry_note}
     sample = workload.sample(variants[0].artifact.path)
     if sample is not None:
         summary["sample of the trained model (prompt▌greedy continuation)"] = repr(sample)
@@ -72,4 +79,4 @@ def ship(cfg: PipelineConfig, parent_run_id: str, run_dir: str, experiment_id: s
                                      "wattflow.champion_reason": selection.reason[:5000]})
     create_markdown_artifact(report, key=REPORT_ARTIFACT_KEY,
                              description=f"wattflow: champion {selection.champion}")
-    return aliases
+    return aliases, registry_note

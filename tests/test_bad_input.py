@@ -106,14 +106,14 @@ def test_a_bad_field_names_itself_and_its_allowed_range(section, kind, data, fie
     ({"chains": ["fp4"]}, "chains.0.steps.0.quantize.backend", "'onnx-int8-static'"),  # unknown backend
     ({"chains": ["prune:1.5"]}, "chains.0.steps.0.prune.sparsity", "less than 1"),
     ({"chains": "bf16"}, "chains", "valid list"),
-    ({"train": {"model": "vgg"}}, "train.model", "built-ins: cnn, mlp, resnet"),       # unknown model
+    ({"train": {"model": "vgg"}}, "train.model", "built-ins: cnn, gpt, mlp, resnet"),       # unknown model
     ({"train": {"model": {"factory": "no colon"}}}, "train.model", "pattern"),         # not an import path
     ({"trian": {"epochs": 1}}, "trian", "check its spelling (allowed: workload, experiment, work_dir, data, train"),
     ({"train": {"epoch": 3}}, "train.epoch", "(allowed: model, model_kwargs"),
     ({"data": {"dataset": "npz"}}, "data", "needs data.path"),
     ({"data": {"dataset": "image-folder"}}, "data", "needs data.path"),
     ({"data": {"path": "x.npz"}}, "data", "set one of those or remove path"),
-    ({"data": {"dataset": "imagenet"}}, "data.dataset", "'digits', 'npz' or 'image-folder'"),
+    ({"data": {"dataset": "imagenet"}}, "data.dataset", "'digits', 'npz', 'image-folder' or 'text'"),
     ({"workload": "translation"}, "workload", "allowed: classification"),
 ])
 def test_unknown_names_and_inconsistent_fields_say_what_is_allowed(data, field, fragment):

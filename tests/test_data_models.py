@@ -20,7 +20,7 @@ def test_splits_are_deterministic_stratified_and_disjoint():
 
 
 def test_unknown_dataset_is_refused():
-    with pytest.raises(ValueError, match="'digits', 'npz' or 'image-folder'"):
+    with pytest.raises(ValueError, match="'digits', 'npz', 'image-folder' or 'text'"):
         load_splits("imagenet")
 
 
@@ -48,7 +48,7 @@ def test_tampered_checkpoint_is_refused(tmp_path):
 
 
 def test_unknown_model_kind_is_refused():
-    with pytest.raises(ValueError, match="allowed: cnn, mlp, resnet"):
+    with pytest.raises(ValueError, match="allowed: cnn, gpt, mlp, resnet"):
         build_model({"kind": "vgg"})
 
 

@@ -32,7 +32,7 @@ def test_bounds_and_choices_render_as_limits_and_drop_downs():
     model = d["TrainConfig"]["properties"]["model"]  # a built-in's name or a factory by import path
     assert {"string", "object"} <= {v.get("type", "object") for v in model["anyOf"]}
     assert [v["enum"] for v in d["DataConfig"]["properties"]["dataset"]["anyOf"] if "enum" in v] == [
-        ["digits", "npz", "image-folder"]]
+        ["digits", "npz", "image-folder", "text"]]
     assert "fake-nvml" in d["EnergyConfig"]["properties"]["backend"]["enum"]
     assert d["TrainConfig"]["properties"]["lr"]["exclusiveMinimum"] == 0.0
 

@@ -195,7 +195,7 @@ def test_bring_your_own_example_runs_every_chain_and_ships_a_usable_model(prefec
     (dataset,) = by_name["train"].inputs.dataset_inputs
     assert dataset.dataset.name == "images" and '"shape": [-1, 3, 16, 16]' in dataset.dataset.schema
     # one registered model per dataset; the champion has a signature and returns class scores as an array
-    name = "wattflow-images"
+    name = "wattflow-bring-your-own-images"  # <experiment>-<dataset name>
     assert result["registered"] and client.get_registered_model(name)
     model = mlflow.pyfunc.load_model(f"models:/{name}@champion")
     assert model.metadata.get_input_schema() is not None and model.metadata.get_output_schema() is not None
@@ -232,7 +232,7 @@ def test_the_gpt_recipe_runs_every_chain_and_ships_a_model_that_returns_next_tok
     assert by_name_metric(children, "magnitude-2of4", "sparsity") == pytest.approx(0.5, abs=0.01)
     report = (Path(result["run_dir"]) / "selection" / "report.md").read_text()
     assert "perplexity" in report and "sample of the trained model" in report
-    model = mlflow.pyfunc.load_model("models:/wattflow-corpus@champion")
+    model = mlflow.pyfunc.load_model(f"models:/{cfg.experiment}-corpus@champion")
     tokens = first_samples(workload_for(cfg).splits.test, 3)
     logits = model.predict(tokens)
     vocab = workload_for(cfg).splits.num_classes

@@ -10,8 +10,8 @@ from wattflow.compress.quantize import quantize_checkpoint
 from wattflow.data import load_splits
 from wattflow.energy import DeviceEnergy, EnergyResult
 from wattflow.evaluate import load_predictor
-from wattflow.models import default_spec, save_checkpoint, sha256_file
-from wattflow.registry import RegistryError, load_alias, register_variants
+from wattflow.models import build_model, default_spec, save_checkpoint, sha256_file
+from wattflow.registry import AliasRefused, RegistryError, load_alias, register_variants
 from wattflow.select import select_champion
 from wattflow.stages import Artifact, StageResult
 from wattflow.tracking import STAGE_TAG, Tracker
@@ -103,3 +103,26 @@ def test_a_variant_without_a_run_is_refused_by_name(logged):
     orphan = int8.model_copy(update={"mlflow_run_id": None})
     with pytest.raises(RegistryError, match="champion 'onnx-int8-static' has no MLflow run"):
         register_variants(tracker, select_champion(rows), [train, orphan], rows, "digits-orphan", FLOW_RUN_ID)
+
+
+def test_a_model_with_other_inputs_never_moves_the_aliases_of_a_registered_model(logged, tmp_path):
+    """A run on 28x28 images registering into the digits' model name: its versions are kept, the aliases stay
+    on the model that takes 64 features, and the error says why and what to set."""
+    tracker, parent, variants, _, accuracy, _ = logged
+    train, int8 = variants
+    rows = [summary_row(train, accuracy["train"], 0.07, 130_000), summary_row(int8, accuracy["train"], 0.016, 42_000)]
+    before = register_variants(tracker, select_champion(rows), variants, rows, "digits-shared", FLOW_RUN_ID)
+
+    spec = {**default_spec("mlp"), "in_features": 784}
+    ckpt = tmp_path / "mlp784.pt"
+    save_checkpoint(ckpt, build_model(spec), spec, {"input_shape": [784], "input_dtype": "float32"})
+    run_id = tracker.start_run(tracker.experiment_id("registry-test"), "train", parent_run_id=parent)
+    tracker.log_model(run_id, str(ckpt), "torch")
+    other = stage_result("train", ["train"], str(ckpt), "torch", run_id)
+    other_rows = [summary_row(other, 0.9, 0.05, 100_000)]
+    with pytest.raises(AliasRefused, match=r"takes inputs .*784.* the aliases stay on v1.*select.model_name") as err:
+        register_variants(tracker, select_champion(other_rows), [other], other_rows, "digits-shared", FLOW_RUN_ID)
+    assert err.value.versions == {"train": "3"}  # registered, kept, not aliased
+    client = tracker.client
+    assert str(client.get_model_version_by_alias("digits-shared", "champion").version) == before["champion"]
+    assert str(client.get_model_version_by_alias("digits-shared", "baseline").version) == before["baseline"]

@@ -291,7 +291,9 @@ class SelectConfig(_Section):
 
     model_name: str | None = Field(None, min_length=1, max_length=200,
                                    description="MLflow Model Registry name for the champion and baseline versions; "
-                                   "default: wattflow-<dataset name> (wattflow-digits for the bundled digits).")
+                                   "default: <experiment>-<dataset name> (wattflow-digits for the bundled "
+                                   "digits). A run whose model takes other inputs than the registered champion "
+                                   "never moves its aliases.")
     accuracy_budget_points: float = Field(
         0.5, ge=0.0, le=100.0, description="Largest accuracy loss allowed vs the trained model, in absolute "
         "percentage points (0.5 = 0.005 in accuracy fraction: 97.2% -> at least 96.7%).")

@@ -34,6 +34,14 @@ class RegistryError(RuntimeError):
     """A variant cannot be registered; the message names the variant and what is missing."""
 
 
+class AliasRefused(RegistryError):
+    """The versions were registered, but the aliases stay where they were; `versions` maps variant -> version."""
+
+    def __init__(self, message: str, versions: dict[str, str]):
+        super().__init__(message)
+        self.versions = versions
+
+
 def _client(tracker_or_client) -> MlflowClient:
     return tracker_or_client if isinstance(tracker_or_client, MlflowClient) else tracker_or_client.client
 
@@ -71,18 +79,47 @@ def register_variants(tracker_or_client, selection: Selection, variants: list[St
     by_name = {v.name: v for v in variants}
     row_by_name = {r["variant"]: r for r in rows}
     _ensure_registered_model(client, model_name)
-    version_of: dict[str, str] = {}  # variant name -> its new version
-    aliases: dict[str, str] = {}
-    for alias, name in ((CHAMPION, selection.champion), (BASELINE, selection.baseline)):
+    pairs = ((CHAMPION, selection.champion), (BASELINE, selection.baseline))
+    for alias, name in pairs:
         variant = by_name.get(name)
         if variant is None or variant.mlflow_run_id is None:
             raise RegistryError(f"{alias} {name!r} has no MLflow run among the variants; pass the StageResults "
                                 "returned by the recorded stages")
+    version_of: dict[str, str] = {}  # variant name -> its new version
+    for _, name in pairs:
         if name not in version_of:
-            version_of[name] = _register(client, model_name, variant, row_by_name.get(name, {}), flow_run_id)
+            version_of[name] = _register(client, model_name, by_name[name], row_by_name.get(name, {}), flow_run_id)
+    refused = _signature_change(client, model_name, version_of[selection.champion])
+    if refused:
+        raise AliasRefused(refused, version_of)
+    aliases: dict[str, str] = {}
+    for alias, name in pairs:
         client.set_registered_model_alias(model_name, alias, version_of[name])
         aliases[alias] = version_of[name]
     return aliases
+
+
+def input_schema(client: MlflowClient, model_name: str, version: str) -> dict | None:
+    """The input part of a version's MLflow signature (None when it has none)."""
+    from mlflow.models import get_model_info
+
+    info = get_model_info(client.get_model_version(model_name, version).source)
+    return None if info.signature is None else info.signature.inputs.to_dict()
+
+
+def _signature_change(client: MlflowClient, model_name: str, new_version: str) -> str | None:
+    """Why the aliases must not move to `new_version` (its inputs differ from the current champion's), or None.
+    Serving `models:/<name>@champion` would otherwise start rejecting what its users send."""
+    try:
+        current = client.get_model_version_by_alias(model_name, CHAMPION)
+    except MlflowException:
+        return None  # no champion yet
+    old, new = input_schema(client, model_name, current.version), input_schema(client, model_name, new_version)
+    if old is None or old == new:
+        return None
+    return (f"{model_name} v{new_version} takes inputs {new}, but the current champion v{current.version} takes "
+            f"{old}: the aliases stay on v{current.version} (moving them would break whoever serves "
+            f"models:/{model_name}@champion). Set select.model_name to register this workload under its own name.")
 
 
 def _ensure_registered_model(client: MlflowClient, model_name: str) -> None:

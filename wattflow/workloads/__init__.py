@@ -64,7 +64,9 @@ class Workload:
 
     @property
     def registered_model_name(self) -> str:
-        return self.cfg.select.model_name or f"wattflow-{self.splits.identity.get('name', 'model')}"
+        """One registered model per experiment and dataset (`<experiment>-<dataset name>`: wattflow-digits by
+        default), so that two workloads never move each other's aliases."""
+        return self.cfg.select.model_name or f"{self.cfg.experiment}-{self.splits.identity.get('name', 'model')}"
 
     def model_spec(self) -> dict[str, Any]:
         raise NotImplementedError
