@@ -24,6 +24,10 @@ export PREFECT_HOME ?= $(STATE)/prefect
 
 MLFLOW_PORT  ?= 5000
 PREFECT_PORT ?= 4200
+# make serve: the registered champion over HTTP (MLflow's model server), on loopback.
+MODEL        ?= wattflow-digits
+ALIAS        ?= champion
+SERVE_PORT   ?= 5001
 
 # make server / deploy / worker / stop (deployments/servers.sh; deployments/README.md explains each name).
 WATTFLOW_POOL    ?= gpu
@@ -41,7 +45,7 @@ SERVERS_SH = STATE="$(STATE)" VENV="$(CURDIR)/$(VENV)" BIND_HOST="$(BIND_HOST)" 
 	MLFLOW_ARTIFACTS="$(MLFLOW_ARTIFACTS)" PREFECT_API_URL="$(SERVER_API)" WORKER_MLFLOW_URI="$(WORKER_MLFLOW_URI)" \
 	bash deployments/servers.sh
 
-.PHONY: help setup state example-data run-flow test lint bench gpu-check mlflow-ui prefect-ui server deploy worker stop sync clean \
+.PHONY: help setup state example-data run-flow test lint bench gpu-check mlflow-ui prefect-ui serve server deploy worker stop sync clean \
 	distclean
 
 help:
@@ -53,6 +57,7 @@ help:
 	@echo "make gpu-check                      on an NVIDIA GPU: counter vs power-integral energy"
 	@echo "make mlflow-ui                      MLflow UI on http://127.0.0.1:$(MLFLOW_PORT)"
 	@echo "make prefect-ui                     Prefect server + UI on http://127.0.0.1:$(PREFECT_PORT)"
+	@echo "make serve [MODEL=... ALIAS=...]    models:/$(MODEL)@$(ALIAS) over HTTP on http://127.0.0.1:$(SERVE_PORT)/invocations"
 	@echo "make server                         Prefect server :$(PREFECT_PORT) + MLflow server :$(MLFLOW_PORT) in the background"
 	@echo "make deploy [WATTFLOW_POOL=gpu]     create the work pool if missing, deploy deployments/prefect.yaml"
 	@echo "make worker [WORKER_NAME=...]       a process worker on the pool, in the background (one per GPU host)"
@@ -97,6 +102,10 @@ gpu-check: setup
 
 mlflow-ui: setup state
 	$(VENV)/bin/mlflow ui --backend-store-uri "$$MLFLOW_TRACKING_URI" --host 127.0.0.1 --port $(MLFLOW_PORT) --workers 1
+
+serve: setup state
+	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(VENV)/bin/mlflow models serve -m "models:/$(MODEL)@$(ALIAS)" --env-manager local --host 127.0.0.1 \
+		--port $(SERVE_PORT) --workers 1
 
 prefect-ui: setup state
 	$(VENV)/bin/prefect server start --host 127.0.0.1 --port $(PREFECT_PORT)

@@ -12,6 +12,7 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.runtime import flow_run
 
+from wattflow.card import model_card
 from wattflow.config import PipelineConfig
 from wattflow.figures import comparison_csv, markdown_report, pareto_png
 from wattflow.registry import AliasRefused, register_variants
@@ -65,6 +66,15 @@ def ship(cfg: PipelineConfig, parent_run_id: str, run_dir: str, experiment_id: s
     sample = workload.sample(variants[0].artifact.path)
     if sample is not None:
         summary["sample of the trained model (prompt▌greedy continuation)"] = repr(sample)
+    by_variant = {v.name: v for v in variants}
+    row_of = {r["variant"]: r for r in rows}
+    for alias, version in aliases.items():  # each version's description is its model card
+        name = selection.champion if alias == "champion" else selection.baseline
+        card = model_card(row_of[name], selection, {
+            "workload": workload.name, "data": summary["data"], "model_name": model_name, "version": version,
+            "alias": alias, "flow_run": f"{flow_run.name} ({flow_run.id})",
+            "mlflow_run": mlflow_link(tracker, experiment_id, by_variant[name].mlflow_run_id), "sample": sample})
+        tracker.client.update_model_version(model_name, version, description=card)
     report = markdown_report(summary, rows, selection, [*(v.energy for v in variants), pipeline_energy],
                              mlflow_link(tracker, experiment_id, parent_run_id))
     selection_dir = Path(run_dir) / "selection"  # kept beside the checkpoints, whatever MLflow's state

@@ -124,6 +124,23 @@ def servers(root: Path) -> Iterator[tuple[PrefectServer, str]]:
             stop(proc)
 
 
+@contextmanager
+def model_server(model_uri: str, tracking_uri: str, log_path: Path) -> Iterator[str]:
+    """`mlflow models serve` (what `make serve` runs) for `model_uri` on a free loopback port; yields its URL."""
+    port = free_port()
+    # MLflow starts `uvicorn` by name: the environment's bin directory must be on PATH
+    env = {**os.environ, **HEADLESS, "MLFLOW_TRACKING_URI": tracking_uri,
+           "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
+    proc = start([str(BIN / "mlflow"), "models", "serve", "-m", model_uri, "--env-manager", "local",
+                  "--host", "127.0.0.1", "--port", str(port), "--workers", "1"], env, log_path)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        wait_healthy(f"{url}/ping", proc, log_path)
+        yield url
+    finally:
+        stop(proc)
+
+
 def prefect_cli(args: list[str], env: dict[str, str], timeout_s: float = 180.0) -> str:
     """Run the `prefect` CLI against a server; raise with its output when it fails."""
     done = subprocess.run([str(BIN / "prefect"), "--no-prompt", *args], env=env, cwd=PROJECT, text=True,

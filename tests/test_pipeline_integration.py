@@ -4,6 +4,8 @@ Gloo ranks under torchrun, real pruning, real ONNX Runtime int8. Then the store 
 from __future__ import annotations
 
 import asyncio
+import json
+import urllib.request
 import uuid
 from pathlib import Path
 
@@ -14,12 +16,14 @@ from mlflow.tracking import MlflowClient
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
 from prefect.testing.utilities import prefect_test_harness
+from servers import model_server
 
 from flows.pipeline import pipeline
 from wattflow.config import PipelineConfig, load_config
 from wattflow.data import first_samples
 from wattflow.datasets.sample_images import write_digit_images
 from wattflow.datasets.text import embedded_corpus
+from wattflow.evaluate import load_predictor
 from wattflow.workloads import workload_for
 
 pytestmark = pytest.mark.integration
@@ -142,6 +146,27 @@ def test_pipeline_logs_the_mlflow_contract(prefect_server, mlflow_uri, tmp_path,
         c.data.metrics["energy_per_1k_inferences_j"] for c in in_budget)
     baseline = client.get_model_version_by_alias("wattflow-digits", "baseline")
     assert client.get_run(baseline.run_id).info.run_name == "train"
+    # each version's description is its model card: what, measured how, why chosen, from where, how to load
+    card = registered.description
+    assert card.startswith(f"# wattflow-digits v{registered.version}: `{result['champion']}`")
+    for expected in ("**champion**", "within 0.5 accuracy points", result["reason"][:40], "energy per 1k inferences",
+                     "| inference energy method | estimated:cpu-time |", str(parent.data.tags["prefect.flow_run_id"]),
+                     'mlflow.pyfunc.load_model("models:/wattflow-digits@champion")'):
+        assert expected in card, expected
+    assert baseline.description.startswith(f"# wattflow-digits v{baseline.version}: `train`")
+
+    # make serve: MLflow's model server on loopback answers with the evaluated variant's predictions
+    champion_variant = next(r for r in children if r.info.run_name == result["champion"])
+    deployable = champion_variant.data.tags["eval.deployable.path"]  # predicts exactly as the evaluated variant
+    evaluated = load_predictor(deployable, "onnx" if deployable.endswith(".onnx") else "packed")
+    x = first_samples(workload_for(tiny_config(tmp_path)).splits.test, 8)
+    with model_server("models:/wattflow-digits@champion", mlflow_uri, tmp_path / "serve.log") as url:
+        request = urllib.request.Request(f"{url}/invocations", data=json.dumps({"inputs": x.tolist()}).encode(),
+                                         headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(request, timeout=60) as response:
+            served = np.asarray(json.loads(response.read())["predictions"], dtype=np.float32)
+    assert served.shape == (8, 10)
+    np.testing.assert_allclose(served, evaluated(x), rtol=1e-5, atol=1e-5)
     selection_files = {f.path for f in client.list_artifacts(parent.info.run_id, "selection")}
     assert selection_files == {"selection/pareto.png", "selection/variants.csv", "selection/report.md"}
     assert [r["variant"] for r in result["rows"]] == ["train", "prune-0.8", "onnx-int8-static", "bf16", "distill",
