@@ -15,7 +15,7 @@ from prefect.runtime import flow_run
 from wattflow.card import model_card
 from wattflow.config import PipelineConfig
 from wattflow.figures import comparison_csv, markdown_report, pareto_png
-from wattflow.registry import AliasRefused, register_variants
+from wattflow.registry import VERSION_PLACEHOLDER, registration
 from wattflow.select import Selection, select_for
 from wattflow.stages import StageResult, VariantFigures
 from wattflow.tracking import Tracker
@@ -47,34 +47,32 @@ def ship(cfg: PipelineConfig, parent_run_id: str, run_dir: str, experiment_id: s
     tracker = Tracker(journal_dir=run_dir)
     workload = workload_for(cfg)
     model_name = workload.registered_model_name
-    registry_note = None
-    if tracker.offline:  # the registry is not journaled: register after `wattflow.sync`, by hand
-        registry_note = f"MLflow is unreachable: the champion ({selection.champion}) is not registered"
-        get_run_logger().warning(registry_note)
-        aliases = {}
+    sample = workload.sample(variants[0].artifact.path)
+    data = workload.splits.identity.get("source")
+    by_variant = {v.name: v for v in variants}
+    row_of = {r["variant"]: r for r in rows}
+    cards = {alias: model_card(row_of[name], selection, {  # each version's description is its model card
+        "workload": workload.name, "data": data, "model_name": model_name, "version": VERSION_PLACEHOLDER,
+        "alias": alias, "flow_run": f"{flow_run.name} ({flow_run.id})",
+        "mlflow_run": mlflow_link(tracker, experiment_id, by_variant[name].mlflow_run_id), "sample": sample})
+        for alias, name in (("champion", selection.champion), ("baseline", selection.baseline))}
+    # Journaled like every write: while MLflow is unreachable the registration waits for `make sync`.
+    registered = tracker.register(parent_run_id, registration(selection, variants, rows, model_name,
+                                                              str(flow_run.id), cards, key=str(flow_run.id)))
+    if registered is None:
+        aliases, registry_note = {}, (f"MLflow is unreachable: the champion ({selection.champion}) will be "
+                                      f"registered by {tracker.sync_command()}")
     else:
-        try:
-            aliases = register_variants(tracker, selection, variants, rows, model_name, str(flow_run.id))
-        except AliasRefused as refused:
-            get_run_logger().warning("registry: %s", refused)
-            aliases, registry_note = {}, str(refused)
-    summary = {"workload": workload.name, "data": workload.splits.identity.get("source"),
+        aliases, registry_note = registered["aliases"], registered["refused"]
+    if registry_note:
+        get_run_logger().warning("registry: %s", registry_note)
+    summary = {"workload": workload.name, "data": data,
                "model": cfg.train.model if isinstance(cfg.train.model, str) else cfg.train.model.factory,
                "epochs": cfg.train.epochs, "chains": [" -> ".join(c.labels) for c in cfg.chains],
                "select": cfg.select.model_dump(), "energy backend": cfg.energy.backend,
                "registered": {alias: f"{model_name} v{v}" for alias, v in aliases.items()} or registry_note}
-    sample = workload.sample(variants[0].artifact.path)
     if sample is not None:
         summary["sample of the trained model (prompt▌greedy continuation)"] = repr(sample)
-    by_variant = {v.name: v for v in variants}
-    row_of = {r["variant"]: r for r in rows}
-    for alias, version in aliases.items():  # each version's description is its model card
-        name = selection.champion if alias == "champion" else selection.baseline
-        card = model_card(row_of[name], selection, {
-            "workload": workload.name, "data": summary["data"], "model_name": model_name, "version": version,
-            "alias": alias, "flow_run": f"{flow_run.name} ({flow_run.id})",
-            "mlflow_run": mlflow_link(tracker, experiment_id, by_variant[name].mlflow_run_id), "sample": sample})
-        tracker.client.update_model_version(model_name, version, description=card)
     report = markdown_report(summary, rows, selection, [*(v.energy for v in variants), pipeline_energy],
                              mlflow_link(tracker, experiment_id, parent_run_id))
     selection_dir = Path(run_dir) / "selection"  # kept beside the checkpoints, whatever MLflow's state

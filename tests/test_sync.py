@@ -20,6 +20,8 @@ from mlflow.tracking import MlflowClient
 from wattflow.config import EnergyConfig
 from wattflow.energy import DeviceEnergy, EnergyResult
 from wattflow.models import build_model, default_spec, save_checkpoint
+from wattflow.registry import registration
+from wattflow.select import select_champion
 from wattflow.stages import Artifact, StageResult, VariantFigures
 from wattflow.sync import main as sync_main
 from wattflow.sync import sync
@@ -101,6 +103,11 @@ def test_writes_during_an_outage_are_synced_once_into_the_right_runs(tmp_path, c
                                   energy_cfg)
             with pytest.raises(RuntimeError, match="quantizer crashed"):
                 record_stage(later, parent, "bf16", "quantize", failing_stage, energy_cfg)
+            # the registry write of `ship`, lost to the outage: journaled, registered by sync
+            rows = [{"variant": "prune-0.5", "chain": "train -> prune-0.5", "accuracy": 0.9}]
+            payload = registration(select_champion(rows), [pruned], rows, "sync-model", "flow-1",
+                                   {"champion": "# sync-model v{version}"}, key="flow-1")
+            assert later.register(parent, payload) is None
             tracker.log_energy(parent, EnergyResult("pipeline", 3.0, (DeviceEnergy("cpu", 9.0, "estimated:cpu-time"),)))
             tracker.end_run(parent, ok=True)
         assert tracker.offline and later.offline and pruned.mlflow_run_id.startswith(OFFLINE_PREFIX)
@@ -111,6 +118,7 @@ def test_writes_during_an_outage_are_synced_once_into_the_right_runs(tmp_path, c
         report = sync(run_dir, uri)
         assert report.runs_created == 2 and report.replayed["create_run"] == 2
         assert report.replayed["log_model"] == 1 and report.replayed["set_terminated"] == 3
+        assert report.replayed["register"] == 1
 
         client = MlflowClient(uri)
         parent_run = client.get_run(parent)
@@ -140,6 +148,15 @@ def test_writes_during_an_outage_are_synced_once_into_the_right_runs(tmp_path, c
         assert again.total == 0 and history() == before
         assert len(client.search_runs([exp])) == 4
         assert len(client.search_logged_models([exp])) == 1
+        # the registration: one version with both aliases, its card, from the run created during the outage
+        (found,) = client.search_model_versions("name = 'sync-model'")
+        version = client.get_model_version("sync-model", found.version)  # search results carry no aliases
+        assert sorted(version.aliases) == ["baseline", "champion"] and version.run_id == prune.info.run_id
+        assert version.description == f"# sync-model v{version.version}"
+        # replayed once more (an ack lost after MLflow took it): the key finds the version, none is added
+        Tracker(uri).apply("register", parent, {**payload, "entries": [
+            {**e, "run_id": prune.info.run_id} for e in payload["entries"]]})
+        assert len(client.search_model_versions("name = 'sync-model'")) == 1
     finally:
         stop_server(server)
 

@@ -71,32 +71,68 @@ def version_tags(row: dict, variant: StageResult, flow_run_id: str | None) -> di
             "latency_b1_ms": str(row.get("latency_b1_ms", "unknown"))}
 
 
-def register_variants(tracker_or_client, selection: Selection, variants: list[StageResult], rows: list[dict],
-                      model_name: str, flow_run_id: str | None) -> dict[str, str]:
-    """Register the champion (alias "champion") and the baseline (alias "baseline") as new versions of
-    `model_name`; a baseline champion is one version carrying both aliases. Returns {alias: version}."""
-    client = _client(tracker_or_client)
+VERSION_PLACEHOLDER = "{version}"  # in a journaled description: the version number, known once registered
+REGISTER_KEY_TAG = "wattflow.register_key"  # one key per journaled registration: a replay finds its versions
+
+
+def registration(selection: Selection, variants: list[StageResult], rows: list[dict], model_name: str,
+                 flow_run_id: str | None, descriptions: dict[str, str] | None = None, key: str = "") -> dict:
+    """What `Tracker.register` journals: plain data (run ids may be offline placeholders that sync resolves),
+    applied by `apply_registration` now or at `wattflow.sync` time."""
     by_name = {v.name: v for v in variants}
     row_by_name = {r["variant"]: r for r in rows}
-    _ensure_registered_model(client, model_name)
-    pairs = ((CHAMPION, selection.champion), (BASELINE, selection.baseline))
-    for alias, name in pairs:
+    entries = []
+    for alias, name in ((CHAMPION, selection.champion), (BASELINE, selection.baseline)):
         variant = by_name.get(name)
         if variant is None or variant.mlflow_run_id is None:
             raise RegistryError(f"{alias} {name!r} has no MLflow run among the variants; pass the StageResults "
                                 "returned by the recorded stages")
-    version_of: dict[str, str] = {}  # variant name -> its new version
-    for _, name in pairs:
-        if name not in version_of:
-            version_of[name] = _register(client, model_name, by_name[name], row_by_name.get(name, {}), flow_run_id)
-    refused = _signature_change(client, model_name, version_of[selection.champion])
-    if refused:
-        raise AliasRefused(refused, version_of)
+        entries.append({"alias": alias, "variant": name, "run_id": variant.mlflow_run_id,
+                        "tags": version_tags(row_by_name.get(name, {}), variant, flow_run_id),
+                        "description": (descriptions or {}).get(alias)})
+    return {"model_name": model_name, "key": key, "entries": entries}
+
+
+def apply_registration(client: MlflowClient, payload: dict) -> dict:
+    """Register each entry's logged model as a version (once per key: a replay reuses the versions it finds),
+    then move the aliases unless the champion's inputs differ from the current champion's. Returns
+    {"aliases": {alias: version}, "versions": {variant: version}, "refused": reason or None}."""
+    model_name, key = payload["model_name"], payload["key"]
+    _ensure_registered_model(client, model_name)
+    versions: dict[str, str] = {}
+    for entry in payload["entries"]:
+        name = entry["variant"]
+        if name in versions:
+            continue
+        found = [v for v in client.search_model_versions(f"name = '{model_name}'")
+                 if key and v.tags.get(REGISTER_KEY_TAG) == key and v.tags.get("wattflow.variant") == name]
+        if found:
+            versions[name] = str(found[0].version)
+            continue
+        tags = {**entry["tags"], **({REGISTER_KEY_TAG: key} if key else {})}
+        versions[name] = _register_run(client, model_name, entry["run_id"], tags)
+        if entry.get("description"):
+            client.update_model_version(model_name, versions[name],
+                                        description=entry["description"].replace(VERSION_PLACEHOLDER, versions[name]))
+    champion = next(e["variant"] for e in payload["entries"] if e["alias"] == CHAMPION)
+    refused = _signature_change(client, model_name, versions[champion])
     aliases: dict[str, str] = {}
-    for alias, name in pairs:
-        client.set_registered_model_alias(model_name, alias, version_of[name])
-        aliases[alias] = version_of[name]
-    return aliases
+    if refused is None:
+        for entry in payload["entries"]:
+            client.set_registered_model_alias(model_name, entry["alias"], versions[entry["variant"]])
+            aliases[entry["alias"]] = versions[entry["variant"]]
+    return {"aliases": aliases, "versions": versions, "refused": refused}
+
+
+def register_variants(tracker_or_client, selection: Selection, variants: list[StageResult], rows: list[dict],
+                      model_name: str, flow_run_id: str | None) -> dict[str, str]:
+    """Register the champion (alias "champion") and the baseline (alias "baseline") as new versions of
+    `model_name`; a baseline champion is one version carrying both aliases. Returns {alias: version}."""
+    result = apply_registration(_client(tracker_or_client),
+                                registration(selection, variants, rows, model_name, flow_run_id))
+    if result["refused"]:
+        raise AliasRefused(result["refused"], result["versions"])
+    return result["aliases"]
 
 
 def input_schema(client: MlflowClient, model_name: str, version: str) -> dict | None:
@@ -132,12 +168,10 @@ def _ensure_registered_model(client: MlflowClient, model_name: str) -> None:
             raise
 
 
-def _register(client: MlflowClient, model_name: str, variant: StageResult, row: dict,
-              flow_run_id: str | None) -> str:
-    model_id = logged_model_id(client, variant.mlflow_run_id)
-    version = client.create_model_version(
-        model_name, source=f"models:/{model_id}", run_id=variant.mlflow_run_id,
-        tags=version_tags(row, variant, flow_run_id), model_id=model_id).version
+def _register_run(client: MlflowClient, model_name: str, run_id: str, tags: dict[str, str]) -> str:
+    model_id = logged_model_id(client, run_id)
+    version = client.create_model_version(model_name, source=f"models:/{model_id}", run_id=run_id, tags=tags,
+                                          model_id=model_id).version
     # As mlflow.register_model does: the logged model lists its registered versions (shown in the MLflow UI).
     listed = json.loads(client.get_logged_model(model_id).tags.get(MLFLOW_MODEL_VERSIONS, "[]"))
     client.set_logged_model_tags(model_id, {

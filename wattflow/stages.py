@@ -18,6 +18,7 @@ from wattflow.data import batches, first_samples
 from wattflow.distributed import launch_training
 from wattflow.energy import EnergyMeter, EnergyResult
 from wattflow.evaluate import deployable_artifact, load_predictor, median_latency_s, run_inferences, size_metrics
+from wattflow.intervals import wilson
 from wattflow.models import load_checkpoint, sha256_file
 from wattflow.runtimes import RUNTIMES
 from wattflow.workloads import workload_for
@@ -83,6 +84,14 @@ class VariantFigures(BaseModel):
         return self.scores.get("accuracy")
 
     @property
+    def accuracy_interval(self) -> tuple[float, float] | None:
+        """95% Wilson interval of the test accuracy over independent samples (classification); None for a
+        language model, whose per-token hits within a window are not independent."""
+        if self.accuracy is None or not self.test_samples or self.tokens_per_sample is not None:
+            return None
+        return wilson(round(self.accuracy * self.test_samples), self.test_samples)
+
+    @property
     def energy_per_1k_tokens_j(self) -> float | None:
         if self.tokens_per_sample is None or self.energy_per_1k_inferences_j is None:
             return None
@@ -104,7 +113,9 @@ class VariantFigures(BaseModel):
                    "size_lzma_bytes": self.size_lzma_bytes, "deployable_bytes": self.deployable_bytes,
                    "deployable_identical": None if self.deployable_identical is None
                    else float(self.deployable_identical),
-                   "energy_per_1k_tokens_j": self.energy_per_1k_tokens_j, "tokens_per_s": self.tokens_per_s}
+                   "energy_per_1k_tokens_j": self.energy_per_1k_tokens_j, "tokens_per_s": self.tokens_per_s,
+                   **(dict(zip(("accuracy_lo", "accuracy_hi"), self.accuracy_interval, strict=True))
+                      if self.accuracy_interval else {})}
         return {k: float(v) for k, v in numbers.items() if v is not None}
 
     def mlflow_tags(self) -> dict[str, str]:

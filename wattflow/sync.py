@@ -34,6 +34,7 @@ class SyncReport:
     runs_created: int = 0
     already_there: int = 0   # writes MLflow held already (a run or model found by its key)
     refused_before: int = 0  # writes MLflow refused for good at the time: not retried
+    notes: list[str] = field(default_factory=list)  # what a replayed write could not do (aliases not moved)
 
     @property
     def total(self) -> int:
@@ -104,10 +105,15 @@ class Replayer:
             run_id = self.create_run(record)
         else:
             run_id = self.resolve(record["run"])
+            args = record["args"]
+            if op == "register":  # the versions' runs may have been created offline too
+                args = {**args, "entries": [{**e, "run_id": self.resolve(e["run_id"])} for e in args["entries"]]}
             if op == "log_model" and self.tracker.has_logged_model(run_id):
                 self.report.already_there += 1
             else:
-                self.tracker.apply(op, run_id, record["args"])
+                result = self.tracker.apply(op, run_id, args)
+                if op == "register" and result["refused"]:
+                    self.report.notes.append(result["refused"])
         self.report.replayed[op] += 1
         self.journal.append({"ack": record["seq"], **({"run_id": run_id} if op == "create_run" else {})})
 
@@ -143,6 +149,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"synced {report.total} write(s) ({ops}); {report.runs_created} run(s) created offline now exist; "
           f"{report.already_there} already in MLflow; {report.refused_before} refused by MLflow at the time "
           "(not retried)")
+    for note in report.notes:
+        print(f"note: {note}")
     return 0
 
 

@@ -239,6 +239,10 @@ class Tracker:
             self._log_input_now(run_id, args)
         elif op == "set_terminated":
             self.client.set_terminated(run_id, args["status"], args["end_time_ms"])
+        elif op == "register":
+            from wattflow.registry import apply_registration
+
+            return apply_registration(self.client, args)
         else:
             raise ValueError(f"unknown journal op {op!r}")
         return None
@@ -372,6 +376,13 @@ class Tracker:
     def _log_model_now(self, run_id: str, path: str, fmt: str) -> None:
         with mlflow.start_run(run_id=run_id):
             runtime(fmt).log_model(path)
+
+    def register(self, parent_run_id: str, payload: dict[str, Any]) -> dict[str, Any] | None:
+        """Register versions and move aliases (`wattflow.registry.registration` / `apply_registration`),
+        journaled like every other write: while MLflow is unreachable it waits for `wattflow.sync`, which
+        registers it once (the payload's key finds versions already made). Returns the result, or None when
+        the write is only journaled."""
+        return self._write("register", parent_run_id, payload)
 
     def log_input(self, run_id: str, dataset: dict[str, Any]) -> None:
         """The dataset a run trained on, through MLflow's dataset tracking (the UI's Dataset column and
