@@ -45,7 +45,7 @@ SERVERS_SH = STATE="$(STATE)" VENV="$(CURDIR)/$(VENV)" BIND_HOST="$(BIND_HOST)" 
 	MLFLOW_ARTIFACTS="$(MLFLOW_ARTIFACTS)" PREFECT_API_URL="$(SERVER_API)" WORKER_MLFLOW_URI="$(WORKER_MLFLOW_URI)" \
 	bash deployments/servers.sh
 
-.PHONY: help setup state example-data run-flow test lint bench gpu-check mlflow-ui prefect-ui serve server deploy worker stop sync clean \
+.PHONY: help setup state example-data run-flow test lint bench gpu-check mlflow-ui prefect-ui serve screenshots server deploy worker stop sync clean \
 	distclean
 
 help:
@@ -57,6 +57,7 @@ help:
 	@echo "make gpu-check                      on an NVIDIA GPU: counter vs power-integral energy"
 	@echo "make mlflow-ui                      MLflow UI on http://127.0.0.1:$(MLFLOW_PORT)"
 	@echo "make prefect-ui                     Prefect server + UI on http://127.0.0.1:$(PREFECT_PORT)"
+	@echo "make screenshots                    docs/img/*.png of the Prefect and MLflow UIs for the latest run (headless chromium)"
 	@echo "make serve [MODEL=... ALIAS=...]    models:/$(MODEL)@$(ALIAS) over HTTP on http://127.0.0.1:$(SERVE_PORT)/invocations"
 	@echo "make server                         Prefect server :$(PREFECT_PORT) + MLflow server :$(MLFLOW_PORT) in the background"
 	@echo "make deploy [WATTFLOW_POOL=gpu]     create the work pool if missing, deploy deployments/prefect.yaml"
@@ -106,6 +107,9 @@ mlflow-ui: setup state
 serve: setup state
 	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(VENV)/bin/mlflow models serve -m "models:/$(MODEL)@$(ALIAS)" --env-manager local --host 127.0.0.1 \
 		--port $(SERVE_PORT) --workers 1
+
+screenshots: setup state
+	$(PY) deployments/screenshots.py
 
 prefect-ui: setup state
 	$(VENV)/bin/prefect server start --host 127.0.0.1 --port $(PREFECT_PORT)
