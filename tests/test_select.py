@@ -193,3 +193,70 @@ def test_an_objective_off_the_front_axes_still_wins_within_budget():
             row("b", 0.97, energy=0.02, deploy=20_000, b1=0.02, b256=10.0)]
     assert select_champion(rows, 0.5, "latency_b256_ms").champion == "b"
     assert select_champion(rows, 0.5).champion == "a"
+
+
+# --- noise: intervals ------------------------------------------------------------------------------------
+
+@st.composite
+def noisy_tables(draw):
+    """Tables whose energies carry 95% intervals of random half-widths (some rows without one)."""
+    rows = draw(tables(min_variants=1))
+    for r in rows:
+        e = r["energy_per_1k_inferences_j"]
+        if e != U and draw(st.booleans()):
+            half = draw(st.sampled_from([0.0, 0.005, 0.01, 0.03]))
+            r["energy_per_1k_inferences_j_lo"], r["energy_per_1k_inferences_j_hi"] = e - half, e + half
+    return rows
+
+
+def bounds(r: dict) -> tuple[float, float]:
+    e = r["energy_per_1k_inferences_j"]
+    return r.get("energy_per_1k_inferences_j_lo", e), r.get("energy_per_1k_inferences_j_hi", e)
+
+
+@settings(max_examples=300, deadline=None)
+@given(noisy_tables(), budgets)
+def test_a_champion_is_never_beaten_beyond_noise_by_an_in_budget_variant(rows, budget):
+    sel = select_champion(rows, budget)
+    champ = rows[sel.champion_index]
+    if champ["energy_per_1k_inferences_j"] == U:
+        return  # the baseline by default: nothing known to compare
+    for r in rows:
+        if r["variant"] in sel.in_budget and r["energy_per_1k_inferences_j"] != U:
+            assert not bounds(r)[1] < bounds(champ)[0], (r["variant"], sel.reason)
+
+
+@settings(max_examples=300, deadline=None)
+@given(noisy_tables(), budgets, st.data())
+def test_a_variant_tied_on_every_axis_changes_the_champion_only_when_the_tie_break_prefers_it(rows, budget, data):
+    before = select_champion(rows, budget)
+    champ = rows[before.champion_index]
+    if before.champion_index == 0 or champ["deployable_bytes"] == U:
+        return
+    bigger = data.draw(st.booleans())  # the twin is larger (never preferred) or smaller (always preferred)
+    twin = {**champ, "variant": "twin", "chain": champ["chain"],
+            "deployable_bytes": champ["deployable_bytes"] + (1000 if bigger else -500)}
+    after = select_champion([*rows, twin], budget)
+    assert after.champion == (before.champion if bigger else "twin"), after.reason
+    if not bigger:
+        assert "Tied within noise" in after.reason and "chosen by smaller deployable" in after.reason
+
+
+def test_overlapping_intervals_are_a_tie_broken_by_the_declared_order():
+    rows = [baseline(0.9722, 0.06),
+            {**row("onnx-int8-static", 0.9722, 0.0157, deploy=42_000), "energy_per_1k_inferences_j_lo": 0.0150,
+             "energy_per_1k_inferences_j_hi": 0.0165},
+            {**row("prune-0.8+onnx-int8-static", 0.9722, 0.0156, deploy=12_000,
+                   chain="train -> prune-0.8 -> onnx-int8-static"),
+             "energy_per_1k_inferences_j_lo": 0.0149, "energy_per_1k_inferences_j_hi": 0.0166}]
+    sel = select_champion(rows)
+    assert sel.champion == "prune-0.8+onnx-int8-static"  # lowest point and smaller: wins either way
+    rows[2]["deployable_bytes"] = 90_000  # now larger: the tie goes to the smaller onnx-int8-static
+    sel = select_champion(rows)
+    assert sel.champion == "onnx-int8-static"
+    assert "Tied within noise on energy_per_1k_inferences_j (95% intervals overlap) with " \
+           "prune-0.8+onnx-int8-static; chosen by smaller deployable" in sel.reason
+    rows[1]["energy_per_1k_inferences_j_hi"] = rows[1]["energy_per_1k_inferences_j_lo"] = 0.0157
+    rows[2]["energy_per_1k_inferences_j_hi"] = 0.01561  # disjoint now: the lower one wins on the figure
+    rows[2]["energy_per_1k_inferences_j_lo"] = 0.0155
+    assert select_champion(rows).champion == "prune-0.8+onnx-int8-static"

@@ -13,7 +13,9 @@ from wattflow.select import OBJECTIVE_UNITS, Selection
 FIGURES = (  # row key, label, unit
     ("accuracy", "test accuracy", ""), ("delta_accuracy_points", "Δ accuracy vs the trained model", " points"),
     ("perplexity", "test perplexity", ""), ("delta_perplexity_percent", "Δ perplexity vs the trained model", " %"),
-    ("energy_per_1k_inferences_j", "energy per 1k inferences", " J"),
+    ("accuracy_95", "test accuracy, 95% interval (Wilson)", ""),
+    ("energy_per_1k_inferences_j", "energy per 1k inferences (median of rounds)", " J"),
+    ("energy_per_1k_inferences_95", "energy per 1k inferences, 95% interval", " J"),
     ("energy_per_1k_tokens_j", "energy per 1k tokens", " J"),
     ("deployable_bytes", "deployable artifact", " bytes"), ("deployable_compression_ratio", "deployable ratio "
      "(the trained model's deployable bytes / this one's)", "×"),

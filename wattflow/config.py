@@ -234,8 +234,11 @@ class EvalConfig(_Section):
                                    description="At least this many inferences inside the energy window.")
     energy_min_window_s: float = Field(
         1.0, ge=0.0, le=3600.0,
-        description="Repeat batches until the energy window lasts at least this long, well above the "
+        description="Repeat batches until the energy windows last at least this long in all, well above the "
         "counters' resolution and update period.")
+    rounds: int = Field(5, ge=1, le=100, description="Latency and energy are measured in this many rounds (each "
+                        "its share of repeats, inferences and window); each figure is the median over rounds with "
+                        "its 95% interval (bootstrap), and the champion must beat the others beyond it.")
 
     @field_validator("batch_sizes")
     @classmethod

@@ -113,11 +113,13 @@ REPORT_COLUMNS = {
     "variant": "variant", "chain": "chain", "accuracy": "accuracy", "delta_accuracy_points": "Δ points",
     "perplexity": "perplexity", "delta_perplexity_percent": "Δ perplexity %",
     "deployable_bytes": "deployable bytes", "deployable_compression_ratio": "ratio", "latency_b1_ms": "b1 ms",
-    "latency_b256_ms": "b256 ms", ENERGY: "J / 1k inferences", "energy_per_1k_tokens_j": "J / 1k tokens",
+    "latency_b256_ms": "b256 ms", ENERGY: "J / 1k inferences", "energy_per_1k_inferences_95": "95% interval",
+    "energy_per_1k_tokens_j": "J / 1k tokens",
     "inference_energy_method": "inference energy method",
     "stage_energy_j": "stage J", "stage_energy_method": "stage energy method",
 }
-OPTIONAL_COLUMNS = ("perplexity", "delta_perplexity_percent", "energy_per_1k_tokens_j")  # language models only
+# Shown only where the rows have them: language models' figures, and intervals (rows from before they existed).
+OPTIONAL_COLUMNS = ("perplexity", "delta_perplexity_percent", "energy_per_1k_tokens_j", "energy_per_1k_inferences_95")
 
 
 def report_columns(rows: list[dict]) -> dict[str, str]:

@@ -1,6 +1,7 @@
 """Uncertainty of the figures: how far a measured value could be from the truth at 95% confidence.
 
     wilson(correct=348, n=360)   # (0.941, 0.982): the interval of a proportion (Wilson score interval)
+    median_interval([0.016, 0.015, 0.017, 0.016, 0.018])   # (0.016, (0.015, 0.017)): median of rounds
 """
 
 from __future__ import annotations
@@ -24,3 +25,25 @@ def wilson(correct: float, n: int, z: float = Z95) -> tuple[float, float]:
     lo = 0.0 if correct == 0 else max(0.0, center - half)
     hi = 1.0 if correct == n else min(1.0, center + half)
     return lo, hi
+
+
+BOOTSTRAP_RESAMPLES = 2000
+
+
+def median_interval(values: list[float], level: float = 0.95, seed: int = 0
+                    ) -> tuple[float, tuple[float, float] | None]:
+    """(median, its `level` interval) of repeated measurements (rounds), the interval a percentile bootstrap of
+    the median (seeded: the same rounds give the same interval); None with fewer than 2 values."""
+    import numpy as np
+
+    data = np.asarray(values, dtype=float)
+    if data.size == 0:
+        raise ValueError("median_interval needs at least one value")
+    median = float(np.median(data))
+    if data.size < 2:
+        return median, None
+    rng = np.random.default_rng(seed)
+    medians = np.median(rng.choice(data, size=(BOOTSTRAP_RESAMPLES, data.size), replace=True), axis=1)
+    tail = (1.0 - level) / 2 * 100
+    lo, hi = np.percentile(medians, [tail, 100 - tail])
+    return median, (float(min(lo, median)), float(max(hi, median)))

@@ -53,11 +53,18 @@ def summary_rows(variants: list[StageResult], figures: list[VariantFigures]) -> 
             "stage_energy_flags": ",".join([*energy.flags, *(["cached"] if v.cached else [])]) or "-",
             "stage_duration_s": sig(energy.duration_s, 3),
             "energy_per_1k_inferences_j": sig(f.energy_per_1k_inferences_j, 3),
+            # 95% intervals (median over eval.rounds rounds; Wilson for accuracy): "lo-hi", or unknown
+            "energy_per_1k_inferences_95": _span(f.energy_per_1k_inferences_interval_j),
+            "accuracy_95": _span(f.accuracy_interval),
             **({"energy_per_1k_tokens_j": sig(f.energy_per_1k_tokens_j, 3), "tokens_per_s": sig(f.tokens_per_s, 3)}
                if f.tokens_per_sample else {}),
             "inference_energy_method": f.energy_method,
         })
     return rows
+
+
+def _span(pair: tuple[float, float] | None) -> str:
+    return UNKNOWN if pair is None else f"{sig(pair[0], 3)}-{sig(pair[1], 3)}"
 
 
 def _perplexity(f: VariantFigures, base: VariantFigures) -> dict:
@@ -76,7 +83,8 @@ TERMINAL_COLUMNS = {
     "delta_perplexity_percent": "Δ ppl %", "size_bytes": "file B",
     "deployable_bytes": "deploy B", "deployable_compression_ratio": "deploy x",
     "stage_energy_j": "stage J", "stage_duration_s": "stage s", "stage_energy_flags": "stage flags",
-    "energy_per_1k_inferences_j": "J/1k inf", "energy_per_1k_tokens_j": "J/1k tok",
+    "energy_per_1k_inferences_j": "J/1k inf", "energy_per_1k_inferences_95": "J/1k 95%",
+    "energy_per_1k_tokens_j": "J/1k tok",
 }
 
 

@@ -10,9 +10,12 @@ A figure may be the string "unknown" (e.g. no energy counter): it is never repla
   worse than a known one: a row can only be dominated by rows that are unknown on the same axes, so a row with
   an unknown figure tends to stay on the front (nothing shows it is beaten) rather than be dropped on a guess.
 - Champion: among rows within the accuracy budget of the baseline (accuracy known) whose objective is known,
-  the lowest objective; ties go to higher accuracy, then smaller deployable bytes, then lower b1 latency
-  (unknown sorts last), then table order. Where no variant besides the baseline qualifies, the baseline is
-  the champion, and `reason` says why.
+  the lowest objective, unless others are tied with it (below). Where no variant besides the baseline
+  qualifies, the baseline is the champion, and `reason` says why.
+- Noise: a row may carry a figure's 95% interval (`<figure>_lo`, `<figure>_hi`). Every eligible row whose
+  objective interval overlaps the lowest one's is tied with it, and the declared order `TIE_BREAK` picks among
+  them (smaller deployable, higher accuracy, simpler chain, table order); the reason names the tied rows and
+  the rule that chose. A row without an interval counts as its point value.
 """
 
 from __future__ import annotations
@@ -87,6 +90,42 @@ def perplexity_increase_percent(rows: list[dict], index: int) -> float | None:
     return (ppl / base - 1.0) * 100.0 if known(ppl) and known(base) else None
 
 
+def interval(row: dict, figure: str) -> tuple[float, float] | None:
+    """(lo, hi) of a figure: its 95% interval when the row has one (`<figure>_lo`, `<figure>_hi`), else the point
+    itself; None when the figure is unknown."""
+    value = row.get(figure, UNKNOWN)
+    if not known(value):
+        return None
+    lo, hi = row.get(f"{figure}_lo", UNKNOWN), row.get(f"{figure}_hi", UNKNOWN)
+    return (lo, hi) if known(lo) and known(hi) else (value, value)
+
+
+def overlaps(a: tuple[float, float] | None, b: tuple[float, float] | None) -> bool:
+    return a is not None and b is not None and a[0] <= b[1] and b[0] <= a[1]
+
+
+TIE_BREAK = ("smaller deployable", "higher accuracy", "simpler chain", "table order")
+
+
+def _tie_key(row: dict, index: int) -> tuple:
+    def low(value) -> tuple:  # unknown after every known value
+        return (0, value) if known(value) else (1, 0.0)
+
+    acc = row.get("accuracy", UNKNOWN)
+    return (low(row.get("deployable_bytes", UNKNOWN)), low(-acc if known(acc) else UNKNOWN), len(_steps(row)), index)
+
+
+def _tie_break_reason(rows: list[dict], champion: int, tied: list[int]) -> str:
+    """The first rule of TIE_BREAK that separates the champion from the next row in the declared order."""
+    ranked = sorted(tied, key=lambda i: _tie_key(rows[i], i))
+    runner_up = ranked[1] if ranked[0] == champion else ranked[0]
+    for rule, a, b in zip(TIE_BREAK, _tie_key(rows[champion], champion), _tie_key(rows[runner_up], runner_up),
+                          strict=True):
+        if a != b:
+            return rule
+    return TIE_BREAK[-1]
+
+
 def _rank_key(row: dict, index: int, objective: str) -> tuple:
     def low(value) -> tuple:  # unknown after every known value
         return (0, value) if known(value) else (1, 0.0)
@@ -151,9 +190,17 @@ def select_champion(rows: list[dict], accuracy_budget_points: float = 0.5,
                      and d <= accuracy_budget_points + _BUDGET_SLACK_POINTS}
     eligible = [i for i in sorted(in_budget) if known(rows[i].get(objective, UNKNOWN))]
     on_front = set(front)
-    champion = min(eligible, key=lambda i: (rows[i][objective], i not in on_front, _rank_key(rows[i], i, objective))
-                   ) if eligible else 0
+    best = min(eligible, key=lambda i: (rows[i][objective], i not in on_front, _rank_key(rows[i], i, objective))
+               ) if eligible else 0
+    # Within noise: every eligible row whose objective interval overlaps the best one's is tied with it, and the
+    # declared order decides among them (smaller deployable, then higher accuracy, then a simpler chain).
+    tied = [i for i in eligible if overlaps(interval(rows[i], objective), interval(rows[best], objective))]
+    champion = min(tied, key=lambda i: _tie_key(rows[i], i)) if len(tied) > 1 else best
     reason = _reason(rows, champion, eligible, in_budget, objective, accuracy_budget_points, perplexity_budget_percent)
+    if len(tied) > 1:
+        others = [rows[i]["variant"] for i in tied if i != champion]
+        reason += (f" Tied within noise on {objective} (95% intervals overlap) with {', '.join(others)}; chosen by "
+                   f"{_tie_break_reason(rows, champion, tied)}.")
     best_int8 = _best(rows, [i for i, r in enumerate(rows) if is_int8_only(r)], in_budget, objective)
     best_pruned = _best(rows, [i for i, r in enumerate(rows) if is_pruned_only(r)], in_budget, objective)
     comparison = list(dict.fromkeys(names[i] for i in (0, champion, best_int8, best_pruned) if i is not None))
@@ -173,7 +220,14 @@ def exact_rows(rows: list[dict], figures: list) -> list[dict]:
     def exact(value: float | None, scale: float = 1.0):
         return UNKNOWN if value is None else value * scale
 
-    return [{**r, "accuracy": exact(f.accuracy), "perplexity": exact(f.scores.get("perplexity")),
+    def bounds(figure: str, pair: tuple[float, float] | None, scale: float = 1.0) -> dict:
+        return {} if pair is None else {f"{figure}_lo": pair[0] * scale, f"{figure}_hi": pair[1] * scale}
+
+    return [{**r, **bounds("accuracy", f.accuracy_interval),
+             **bounds("energy_per_1k_inferences_j", f.energy_per_1k_inferences_interval_j),
+             **bounds("latency_b1_ms", f.latency_interval_s.get(1), 1e3),
+             **bounds("latency_b256_ms", f.latency_interval_s.get(256), 1e3),
+             "accuracy": exact(f.accuracy), "perplexity": exact(f.scores.get("perplexity")),
              "energy_per_1k_inferences_j": exact(f.energy_per_1k_inferences_j),
              "deployable_bytes": exact(f.deployable_bytes), "latency_b1_ms": exact(f.latency_s.get(1), 1e3),
              "latency_b256_ms": exact(f.latency_s.get(256), 1e3)} for r, f in zip(rows, figures, strict=True)]

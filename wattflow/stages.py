@@ -18,7 +18,7 @@ from wattflow.data import batches, first_samples
 from wattflow.distributed import launch_training
 from wattflow.energy import EnergyMeter, EnergyResult
 from wattflow.evaluate import deployable_artifact, load_predictor, median_latency_s, run_inferences, size_metrics
-from wattflow.intervals import wilson
+from wattflow.intervals import median_interval, wilson
 from wattflow.models import load_checkpoint, sha256_file
 from wattflow.runtimes import RUNTIMES
 from wattflow.workloads import workload_for
@@ -55,6 +55,10 @@ class StageResult(BaseModel):
         return EnergyResult.from_dict(self.energy)
 
 
+def _bounds(figure: str, pair: tuple[float, float] | None) -> dict[str, float]:
+    return {} if pair is None else {f"{figure}_lo": pair[0], f"{figure}_hi": pair[1]}
+
+
 class VariantFigures(BaseModel):
     """What evaluation measured of one variant; None is unknown (never 0). Formatted only at the edges: the
     summary rows and table (`wattflow.report`), MLflow metrics and tags (`mlflow_metrics`, `mlflow_tags`)."""
@@ -64,7 +68,10 @@ class VariantFigures(BaseModel):
     scores: dict[str, float] = {}                 # the workload's metrics ("accuracy" for classification)
     test_samples: int | None = None
     latency_s: dict[int, float] = {}              # batch size -> median seconds per call
-    energy_per_1k_inferences_j: float | None = None
+    energy_per_1k_inferences_j: float | None = None   # median over eval.rounds rounds
+    energy_per_1k_inferences_interval_j: tuple[float, float] | None = None  # its 95% interval (None: 1 round)
+    latency_interval_s: dict[int, tuple[float, float]] = {}  # batch size -> 95% interval of the median latency
+    rounds: int | None = None
     energy_method: str = "unavailable"
     energy_flags: tuple[str, ...] = ()
     inferences_measured: int | None = None
@@ -114,6 +121,10 @@ class VariantFigures(BaseModel):
                    "deployable_identical": None if self.deployable_identical is None
                    else float(self.deployable_identical),
                    "energy_per_1k_tokens_j": self.energy_per_1k_tokens_j, "tokens_per_s": self.tokens_per_s,
+                   "eval_rounds": self.rounds,
+                   **_bounds("energy_per_1k_inferences_j", self.energy_per_1k_inferences_interval_j),
+                   **{k: v for b, pair in self.latency_interval_s.items() for k, v in _bounds(f"latency_b{b}_s",
+                                                                                               pair).items()},
                    **(dict(zip(("accuracy_lo", "accuracy_hi"), self.accuracy_interval, strict=True))
                       if self.accuracy_interval else {})}
         return {k: float(v) for k, v in numbers.items() if v is not None}
@@ -160,20 +171,37 @@ def kept_layer_names(workload, checkpoint: str) -> tuple[str, ...]:
     return tuple(names[m] for m in workload.keep_layers(model))
 
 
-def inference_energy(cfg: PipelineConfig, name: str, predict, x, meter: EnergyMeter) -> dict:
-    """Energy per 1k inferences at batch 256 after a warm-up, repeating batches until the window holds at
-    least `eval.energy_inferences` and lasts `eval.energy_min_window_s` (short windows sit at the counter's
-    resolution; the meter flags `below_resolution` when they still do)."""
-    run_inferences(predict, x, 256 * max(1, cfg.eval.warmup))
-    n = 0
-    started = time.perf_counter()
-    with meter.window(f"{name}/inference") as w:
-        while n < cfg.eval.energy_inferences or time.perf_counter() - started < cfg.eval.energy_min_window_s:
-            n += run_inferences(predict, x, 256 * 16)
-    energy = w.result
-    return {"inferences_measured": n, "throughput_per_s": n / energy.duration_s if energy.duration_s else None,
-            "energy_method": energy.method, "energy_flags": tuple(energy.flags),
-            "energy_per_1k_inferences_j": None if energy.energy_j is None else energy.energy_j / n * 1e3}
+def measure_rounds(cfg: PipelineConfig, name: str, predict, x, meter: EnergyMeter) -> dict:
+    """Latency per batch size and energy per 1k inferences (batch 256), in `eval.rounds` rounds after a warm-up:
+    each round times every batch size (its share of `eval.repeats`, median kept) and then opens one energy
+    window that repeats batches until it holds its share of `eval.energy_inferences` and of
+    `eval.energy_min_window_s` (the meter flags `below_resolution` when a window is still too short). Each figure
+    is the median over rounds, with its 95% interval."""
+    e, rounds = cfg.eval, cfg.eval.rounds
+    run_inferences(predict, x, 256 * max(1, e.warmup))
+    latency: dict[int, list[float]] = {b: [] for b in e.batch_sizes}
+    per_1k: list[float | None] = []
+    n_total, duration_s, flags, method = 0, 0.0, set(), "unavailable"
+    for r in range(rounds):
+        for b in e.batch_sizes:
+            latency[b].append(median_latency_s(predict, x, b, max(1, e.repeats // rounds), e.warmup if r == 0 else 0))
+        n, want_n, want_s = 0, -(-e.energy_inferences // rounds), e.energy_min_window_s / rounds
+        started = time.perf_counter()
+        with meter.window(f"{name}/inference-{r + 1}") as w:
+            while n < want_n or time.perf_counter() - started < want_s:
+                n += run_inferences(predict, x, 256 * 16)
+        energy = w.result
+        per_1k.append(None if energy.energy_j is None else energy.energy_j / n * 1e3)
+        n_total, duration_s, method = n_total + n, duration_s + (energy.duration_s or 0.0), energy.method
+        flags |= set(energy.flags)
+    lat = {b: median_interval(v) for b, v in latency.items()}
+    known_energy = [v for v in per_1k if v is not None]
+    energy_median, energy_interval = median_interval(known_energy) if len(known_energy) == rounds else (None, None)
+    return {"inferences_measured": n_total, "throughput_per_s": n_total / duration_s if duration_s else None,
+            "energy_method": method, "energy_flags": tuple(sorted(flags)), "rounds": rounds,
+            "energy_per_1k_inferences_j": energy_median, "energy_per_1k_inferences_interval_j": energy_interval,
+            "latency_s": {b: m for b, (m, _) in lat.items()},
+            "latency_interval_s": {b: i for b, (_, i) in lat.items() if i is not None}}
 
 
 def evaluate_variant(cfg: PipelineConfig, variant: StageResult, deploy_dir: Path,
@@ -190,16 +218,14 @@ def evaluate_variant(cfg: PipelineConfig, variant: StageResult, deploy_dir: Path
     scores = workload.score(predict, test)
     # Timing and energy batches: real test inputs (up to the largest batch), tiled when the split is smaller.
     timing_x = first_samples(test, max(256, *cfg.eval.batch_sizes))
-    latency_s = {b: median_latency_s(predict, timing_x, b, cfg.eval.repeats, cfg.eval.warmup)
-                 for b in cfg.eval.batch_sizes}
-    energy = inference_energy(cfg, variant.name, predict, timing_x, meter)
+    measured = measure_rounds(cfg, variant.name, predict, timing_x, meter)
     sizes = size_metrics(art.path, art.format)
     deploy_path, deploy_format, deploy_bytes = deployable_artifact(art.path, art.format, deploy_dir)
     identical = None
     if deploy_path != art.path:  # another file ships (a .wfp): it must give exactly the variant's outputs
         deployed = load_predictor(deploy_path, deploy_format, cfg.eval.threads)
         identical = all(np.array_equal(deployed(xb), predict(xb)) for xb, _ in batches(test, 512))
-    return VariantFigures(scores=scores, test_samples=len(test), latency_s=latency_s, **energy,
+    return VariantFigures(scores=scores, test_samples=len(test), **measured,
                           param_count=sizes["param_count"], nonzero_params=sizes["nonzero_params"],
                           dense_bytes=sizes["dense_bytes"], size_bytes=sizes["file_bytes"],
                           size_lzma_bytes=sizes["lzma_bytes"], deployable_bytes=deploy_bytes,
