@@ -14,12 +14,21 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from bench import compression, ddp_scaling, language_model, meter_overhead, orchestration, scale, speed
+from bench import (
+    compression,
+    ddp_scaling,
+    language_model,
+    meter_overhead,
+    orchestration,
+    scale,
+    speed,
+    stability,
+)
 from bench.machine import machine
 
 BENCHES = {"orchestration": orchestration.run, "ddp_scaling": ddp_scaling.run, "meter_overhead": meter_overhead.run,
            "speed": speed.run, "compression": compression.run, "scale": scale.run,
-           "language_model": language_model.run}
+           "language_model": language_model.run, "stability": stability.run}
 RESULTS = Path(__file__).parent / "results"
 COLUMNS = ("row", "figure", "value", "target", "met")
 

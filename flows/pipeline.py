@@ -24,7 +24,7 @@ from rich.console import Console
 
 from flows.terminal import progress_bars
 from tasks.progress import report
-from tasks.ship import select, ship
+from tasks.ship import previous_champion_row, select, ship
 from tasks.stages import compress, evaluate, train
 from wattflow.chains import plan
 from wattflow.config import ConfigError, PipelineConfig, load_config
@@ -89,8 +89,9 @@ def pipeline(config: PipelineConfig = PipelineConfig()) -> dict:  # noqa: B008 (
         create_table_artifact(table=rows, key="wattflow-variants",
                               description=f"wattflow variants — MLflow parent run `{parent}`")
         selection = select(config, rows, figures)
+        previous = previous_champion_row(config, run_dir)
         aliases, registry_note = ship(config, parent, run_dir, experiment_id, selection, variants, rows,
-                                      total.result.to_dict())
+                                      total.result.to_dict(), previous)
     return {"mlflow_run_id": parent, "rows": rows, "champion": selection.champion, "reason": selection.reason,
             "registered": aliases, "registry_note": registry_note, "run_dir": run_dir,
             "sync_command": tracker.sync_command() if tracker.offline

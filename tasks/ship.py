@@ -12,12 +12,17 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.runtime import flow_run
 
+from tasks.concurrency import measured_slot
 from wattflow.card import model_card
 from wattflow.config import PipelineConfig
+from wattflow.energy import EnergyResult, make_meter
 from wattflow.figures import comparison_csv, markdown_report, pareto_png
+from wattflow.models import sha256_file
+from wattflow.promotion import previous_champion, promotion_decision
 from wattflow.registry import VERSION_PLACEHOLDER, registration
+from wattflow.report import summary_rows
 from wattflow.select import Selection, select_for
-from wattflow.stages import StageResult, VariantFigures
+from wattflow.stages import Artifact, StageResult, VariantFigures, evaluate_variant
 from wattflow.tracking import Tracker
 from wattflow.workloads import workload_for
 
@@ -39,9 +44,35 @@ def mlflow_link(tracker: Tracker, experiment_id: str, run_id: str) -> str:
     return f"http://127.0.0.1:5000/{path} (after `make mlflow-ui`)"
 
 
+@task(name="previous-champion", cache_policy=NO_CACHE, tags=["measured"])
+def previous_champion_row(cfg: PipelineConfig, run_dir: str) -> tuple[dict | None, str]:
+    """The current `champion` version of this run's registered model, re-evaluated here beside the new variants
+    (same machine, same measurement), as a summary row; (None, why) when there is none or it cannot be."""
+    if cfg.select.promote == "always":
+        return None, "select.promote is always"
+    tracker = Tracker(journal_dir=run_dir)
+    if tracker.offline:
+        return None, "MLflow is unreachable"
+    previous = previous_champion(tracker.client, workload_for(cfg).registered_model_name)
+    if previous is None or previous.path is None:
+        return None, "no current champion" if previous is None else previous.note
+    stage = StageResult(name=f"v{previous.version} ({previous.variant})", stage="train",
+                        chain=["registry", previous.variant], energy=EnergyResult("previous", 0.0, ()).to_dict(),
+                        artifact=Artifact(path=previous.path, format=previous.runtime,
+                                          sha256=sha256_file(previous.path)))
+    try:
+        with measured_slot(get_run_logger().info):
+            figures = evaluate_variant(cfg, stage, Path(run_dir) / "previous", make_meter(cfg.energy))
+    except Exception as err:  # another workload's model, an unreadable file: it cannot be compared here
+        return None, (f"the current champion v{previous.version} cannot be re-evaluated here "
+                      f"({type(err).__name__}: {err})")
+    return summary_rows([stage], [figures])[0], f"re-evaluated v{previous.version}"
+
+
 @task(name="ship", cache_policy=NO_CACHE)
 def ship(cfg: PipelineConfig, parent_run_id: str, run_dir: str, experiment_id: str, selection: Selection,
-         variants: list[StageResult], rows: list[dict], pipeline_energy: dict) -> tuple[dict[str, str], str | None]:
+         variants: list[StageResult], rows: list[dict], pipeline_energy: dict,
+         previous: tuple[dict | None, str] = (None, "")) -> tuple[dict[str, str], str | None]:
     """Register champion and baseline, and publish the plot, CSV and report. Returns (alias -> version, a note
     when the registry was not updated as asked, else None)."""
     tracker = Tracker(journal_dir=run_dir)
@@ -56,9 +87,17 @@ def ship(cfg: PipelineConfig, parent_run_id: str, run_dir: str, experiment_id: s
         "alias": alias, "flow_run": f"{flow_run.name} ({flow_run.id})",
         "mlflow_run": mlflow_link(tracker, experiment_id, by_variant[name].mlflow_run_id), "sample": sample})
         for alias, name in (("champion", selection.champion), ("baseline", selection.baseline))}
+    # The promotion guard: the new champion against the current one, both measured in this run.
+    promote, why = promotion_decision(row_of[selection.champion], previous[0], selection.objective,
+                                      cfg.select.promote)
+    if previous[0] is None and cfg.select.promote != "always":
+        why = f"{why} ({previous[1]})"
+    get_run_logger().info("promotion: %s", why)
+    hold = None if promote else f"the aliases stay: {why} (select.promote: if-better)"
     # Journaled like every write: while MLflow is unreachable the registration waits for `make sync`.
     registered = tracker.register(parent_run_id, registration(selection, variants, rows, model_name,
-                                                              str(flow_run.id), cards, key=str(flow_run.id)))
+                                                              str(flow_run.id), cards, key=str(flow_run.id),
+                                                              hold_aliases=hold))
     if registered is None:
         aliases, registry_note = {}, (f"MLflow is unreachable: the champion ({selection.champion}) will be "
                                       f"registered by {tracker.sync_command()}")
@@ -70,7 +109,8 @@ def ship(cfg: PipelineConfig, parent_run_id: str, run_dir: str, experiment_id: s
                "model": cfg.train.model if isinstance(cfg.train.model, str) else cfg.train.model.factory,
                "epochs": cfg.train.epochs, "chains": [" -> ".join(c.labels) for c in cfg.chains],
                "select": cfg.select.model_dump(), "energy backend": cfg.energy.backend,
-               "registered": {alias: f"{model_name} v{v}" for alias, v in aliases.items()} or registry_note}
+               "registered": {alias: f"{model_name} v{v}" for alias, v in aliases.items()} or registry_note,
+               "promotion": why}
     if sample is not None:
         summary["sample of the trained model (prompt▌greedy continuation)"] = repr(sample)
     report = markdown_report(summary, rows, selection, [*(v.energy for v in variants), pipeline_energy],

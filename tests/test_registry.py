@@ -11,7 +11,15 @@ from wattflow.data import load_splits
 from wattflow.energy import DeviceEnergy, EnergyResult
 from wattflow.evaluate import load_predictor
 from wattflow.models import build_model, default_spec, save_checkpoint, sha256_file
-from wattflow.registry import AliasRefused, RegistryError, load_alias, register_variants
+from wattflow.promotion import previous_champion
+from wattflow.registry import (
+    AliasRefused,
+    RegistryError,
+    apply_registration,
+    load_alias,
+    register_variants,
+    registration,
+)
 from wattflow.select import select_champion
 from wattflow.stages import Artifact, StageResult
 from wattflow.tracking import STAGE_TAG, Tracker
@@ -126,3 +134,31 @@ def test_a_model_with_other_inputs_never_moves_the_aliases_of_a_registered_model
     client = tracker.client
     assert str(client.get_model_version_by_alias("digits-shared", "champion").version) == before["champion"]
     assert str(client.get_model_version_by_alias("digits-shared", "baseline").version) == before["baseline"]
+
+
+def test_the_current_champion_is_found_and_says_when_its_file_is_not_here(logged):
+    tracker, _, variants, _, accuracy, _ = logged
+    train, int8 = variants
+    rows = [summary_row(train, accuracy["train"], 0.07, 130_000), summary_row(int8, accuracy["train"], 0.016, 42_000)]
+    assert previous_champion(tracker.client, "digits-promotion") is None  # no model yet
+    register_variants(tracker, select_champion(rows), variants, rows, "digits-promotion", FLOW_RUN_ID)
+    found = previous_champion(tracker.client, "digits-promotion")
+    assert found.variant == "onnx-int8-static" and found.run_id == int8.mlflow_run_id
+    assert found.path is None and "not on this machine" in found.note  # these runs were never evaluated
+    tracker.set_tag(int8.mlflow_run_id, "eval.deployable.path", int8.artifact.path)
+    found = previous_champion(tracker.client, "digits-promotion")
+    assert (found.path, found.runtime) == (int8.artifact.path, "onnx")
+
+
+def test_held_aliases_stay_and_the_versions_are_kept(logged):
+    tracker, _, variants, _, accuracy, _ = logged
+    train, int8 = variants
+    rows = [summary_row(train, accuracy["train"], 0.07, 130_000), summary_row(int8, accuracy["train"], 0.016, 42_000)]
+    first = register_variants(tracker, select_champion(rows), variants, rows, "digits-held", FLOW_RUN_ID)
+    payload = registration(select_champion(rows), variants, rows, "digits-held", FLOW_RUN_ID,
+                           hold_aliases="the aliases stay: worse beyond noise")
+    result = apply_registration(tracker.client, payload)
+    assert result["aliases"] == {} and result["refused"] == "the aliases stay: worse beyond noise"
+    assert len(result["versions"]) == 2 and set(result["versions"].values()).isdisjoint(first.values())
+    champion = tracker.client.get_model_version_by_alias("digits-held", "champion")
+    assert str(champion.version) == first["champion"]

@@ -303,6 +303,10 @@ class SelectConfig(_Section):
     perplexity_budget_percent: float = Field(
         5.0, ge=0.0, le=1000.0, description="Language models: largest perplexity increase allowed vs the trained "
         "model, in percent (5 = perplexity at most 1.05x); used instead of accuracy_budget_points.")
+    promote: Literal["always", "if-better"] = Field(
+        "if-better", description="if-better: the new champion takes the 'champion' alias only if it is not worse "
+        "beyond noise than the current champion version (re-evaluated in the same run) at equal or better "
+        "accuracy; always: it always does.")
     objective: Objective = Field("energy_per_1k_inferences_j",
                                  description="What the champion minimises among the variants within budget.")
 

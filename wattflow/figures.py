@@ -29,6 +29,13 @@ def _methods(rows: list[dict]) -> str:
     return ", ".join(sorted({str(r.get("inference_energy_method", "unknown")) for r in rows}))
 
 
+def _error_bar(row: dict, figure: str) -> list[list[float]] | None:
+    lo, hi = row.get(f"{figure}_lo"), row.get(f"{figure}_hi")
+    if not (known(lo) and known(hi)):
+        return None
+    return [[max(0.0, row[figure] - lo)], [max(0.0, hi - row[figure])]]
+
+
 def pareto_png(rows: list[dict], selection: Selection, path: str | Path) -> Path:
     """Accuracy vs energy per 1k inferences; marker area by deployable bytes; Pareto front filled, others
     hollow; the champion starred. Rows with an unknown energy or accuracy are named in a note instead."""
@@ -48,15 +55,20 @@ def pareto_png(rows: list[dict], selection: Selection, path: str | Path) -> Path
                 if known(r.get("deployable_bytes")) else MIN_MARKER_AREA_PT2)
         ax.scatter(r[ENERGY], r["accuracy"], s=size, alpha=0.75, linewidths=1.5,
                    facecolors="tab:blue" if on_front else "none", edgecolors="tab:blue" if on_front else "grey")
+        xerr, yerr = _error_bar(r, ENERGY), _error_bar(r, "accuracy")
+        if xerr is not None or yerr is not None:  # 95% intervals: median of rounds, Wilson for accuracy
+            ax.errorbar(r[ENERGY], r["accuracy"], xerr=xerr, yerr=yerr, fmt="none", ecolor="grey", elinewidth=0.8,
+                        capsize=2, alpha=0.8)
         ax.annotate(r["variant"], (r[ENERGY], r["accuracy"]), textcoords="offset points", xytext=offset,
                     fontsize=8)
     champion = rows[selection.champion_index]
     if champion in plotted:
         ax.scatter(champion[ENERGY], champion["accuracy"], marker="*", s=320, color="tab:green",
                    edgecolors="black", zorder=3, label=f"champion: {champion['variant']}")
-    floor = rows[0]["accuracy"] - selection.accuracy_budget_points / 100.0
-    ax.axhline(floor, color="tab:red", linestyle="--", linewidth=1,
-               label=f"accuracy budget: {selection.accuracy_budget_points:g} points below {selection.baseline}")
+    if selection.perplexity_budget_percent is None:  # a language model's budget is on perplexity, not drawn here
+        floor = rows[0]["accuracy"] - selection.accuracy_budget_points / 100.0
+        ax.axhline(floor, color="tab:red", linestyle="--", linewidth=1,
+                   label=f"accuracy budget: {selection.accuracy_budget_points:g} points below {selection.baseline}")
     ax.scatter([], [], facecolors="tab:blue", edgecolors="tab:blue", label="Pareto front (4 figures)")
     ax.scatter([], [], facecolors="none", edgecolors="grey", label="dominated")
     ax.margins(x=0.15, y=0.15)
@@ -65,7 +77,8 @@ def pareto_png(rows: list[dict], selection: Selection, path: str | Path) -> Path
     ax.set_ylabel("test accuracy (fraction)")
     ax.set_title(f"wattflow variants: accuracy vs inference energy\nenergy method: {_methods(rows)}", fontsize=10)
     ax.grid(alpha=0.3)
-    note = "marker area ∝ deployable bytes; front over accuracy, energy, deployable bytes, b1 latency"
+    note = ("marker area ∝ deployable bytes; front over accuracy, energy, deployable bytes, b1 latency; "
+            "bars: 95% intervals")
     if missing:
         note += f"\nnot plotted (energy or accuracy unknown): {', '.join(missing)}"
     ax.text(0.0, -0.16, note, transform=ax.transAxes, fontsize=8, va="top")

@@ -76,7 +76,8 @@ REGISTER_KEY_TAG = "wattflow.register_key"  # one key per journaled registration
 
 
 def registration(selection: Selection, variants: list[StageResult], rows: list[dict], model_name: str,
-                 flow_run_id: str | None, descriptions: dict[str, str] | None = None, key: str = "") -> dict:
+                 flow_run_id: str | None, descriptions: dict[str, str] | None = None, key: str = "",
+                 hold_aliases: str | None = None) -> dict:
     """What `Tracker.register` journals: plain data (run ids may be offline placeholders that sync resolves),
     applied by `apply_registration` now or at `wattflow.sync` time."""
     by_name = {v.name: v for v in variants}
@@ -90,7 +91,8 @@ def registration(selection: Selection, variants: list[StageResult], rows: list[d
         entries.append({"alias": alias, "variant": name, "run_id": variant.mlflow_run_id,
                         "tags": version_tags(row_by_name.get(name, {}), variant, flow_run_id),
                         "description": (descriptions or {}).get(alias)})
-    return {"model_name": model_name, "key": key, "entries": entries}
+    # hold_aliases: why the aliases must stay where they are (the promotion guard), registered all the same
+    return {"model_name": model_name, "key": key, "entries": entries, "hold_aliases": hold_aliases}
 
 
 def apply_registration(client: MlflowClient, payload: dict) -> dict:
@@ -115,7 +117,7 @@ def apply_registration(client: MlflowClient, payload: dict) -> dict:
             client.update_model_version(model_name, versions[name],
                                         description=entry["description"].replace(VERSION_PLACEHOLDER, versions[name]))
     champion = next(e["variant"] for e in payload["entries"] if e["alias"] == CHAMPION)
-    refused = _signature_change(client, model_name, versions[champion])
+    refused = payload.get("hold_aliases") or _signature_change(client, model_name, versions[champion])
     aliases: dict[str, str] = {}
     if refused is None:
         for entry in payload["entries"]:
