@@ -25,7 +25,7 @@ from rich.console import Console
 from flows.terminal import progress_bars
 from tasks.progress import report
 from tasks.ship import previous_champion_row, select, ship
-from tasks.stages import compress, evaluate, train
+from tasks.stages import compress, evaluate, measure, train
 from wattflow.chains import plan
 from wattflow.config import ConfigError, PipelineConfig, load_config
 from wattflow.data import DataError
@@ -82,6 +82,8 @@ def pipeline(config: PipelineConfig = PipelineConfig()) -> dict:  # noqa: B008 (
                 figures.append(future.result())
                 report("variants", len(steps) + len(figures), len(steps) + len(variants),
                        f"variants: evaluated {variant.name}")
+            # Latency and energy round-robin across the variants, so drift hits all of them alike.
+            figures = measure(config, run_dir, variants, figures)
         tracker.log_energy(parent, total.result)
         tracker.log_co2e(parent, total.result.energy_j, config.energy)
         rows = summary_rows(variants, figures)

@@ -119,7 +119,20 @@ def compress(cfg: PipelineConfig, parent_run_id: str, run_dir: str, source: Stag
 
 @task(name="evaluate", cache_policy=NO_CACHE, tags=["measured"], task_run_name="evaluate-{variant.name}")
 def evaluate(cfg: PipelineConfig, run_dir: str, variant: StageResult) -> VariantFigures:
+    """Accuracy, sizes and the deployable of one variant; latency and energy come from `measure`."""
     with measured_slot(get_run_logger().info):
-        figures = stages.evaluate_variant(cfg, variant, Path(run_dir) / "deploy", make_meter(cfg.energy))
-    record_evaluation(Tracker(journal_dir=run_dir), variant.mlflow_run_id, figures)
-    return figures
+        return stages.evaluate_variant(cfg, variant, Path(run_dir) / "deploy", make_meter(cfg.energy),
+                                       measure=False)
+
+
+@task(name="measure", cache_policy=NO_CACHE, tags=["measured"])
+def measure(cfg: PipelineConfig, run_dir: str, variants: list[StageResult],
+            figures: list[VariantFigures]) -> list[VariantFigures]:
+    """Latency and energy of every variant, round-robin across them in eval.rounds rounds (one slot held
+    throughout), then every variant's figures recorded on its run."""
+    with measured_slot(get_run_logger().info):
+        complete = stages.measure_variants(cfg, variants, figures, make_meter(cfg.energy))
+    tracker = Tracker(journal_dir=run_dir)
+    for variant, f in zip(variants, complete, strict=True):
+        record_evaluation(tracker, variant.mlflow_run_id, f)
+    return complete

@@ -171,44 +171,71 @@ def kept_layer_names(workload, checkpoint: str) -> tuple[str, ...]:
     return tuple(names[m] for m in workload.keep_layers(model))
 
 
-def measure_rounds(cfg: PipelineConfig, name: str, predict, x, meter: EnergyMeter) -> dict:
-    """Latency per batch size and energy per 1k inferences (batch 256), in `eval.rounds` rounds after a warm-up:
-    each round times every batch size (its share of `eval.repeats`, median kept) and then opens one energy
-    window that repeats batches until it holds its share of `eval.energy_inferences` and of
-    `eval.energy_min_window_s` (the meter flags `below_resolution` when a window is still too short). Each figure
-    is the median over rounds, with its 95% interval."""
-    e, rounds = cfg.eval, cfg.eval.rounds
-    run_inferences(predict, x, 256 * max(1, e.warmup))
-    latency: dict[int, list[float]] = {b: [] for b in e.batch_sizes}
-    per_1k: list[float | None] = []
-    n_total, duration_s, flags, method = 0, 0.0, set(), "unavailable"
+def measure_round_robin(cfg: PipelineConfig, predictors: dict[str, Callable], x, meter: EnergyMeter
+                        ) -> dict[str, dict]:
+    """Latency per batch size and energy per 1k inferences (batch 256) of every predictor, in `eval.rounds`
+    rounds **round-robin across the predictors** (each round starts one predictor later), so that drift and
+    neighbours on a shared machine hit all of them alike. In a round each predictor times every batch size (its
+    share of `eval.repeats`, median kept) and then opens one energy window that repeats batches until it holds
+    its share of `eval.energy_inferences` and of `eval.energy_min_window_s` (the meter flags `below_resolution`
+    when a window is still too short). Each figure is the median over rounds, with its 95% interval.
+    Returns name -> the VariantFigures fields measured."""
+    e, rounds, names = cfg.eval, cfg.eval.rounds, list(predictors)
+    for predict in predictors.values():
+        run_inferences(predict, x, 256 * max(1, e.warmup))
+    acc = {n: {"latency": {b: [] for b in e.batch_sizes}, "per_1k": [], "n": 0, "duration_s": 0.0,
+               "flags": set(), "method": "unavailable"} for n in names}
     for r in range(rounds):
-        for b in e.batch_sizes:
-            latency[b].append(median_latency_s(predict, x, b, max(1, e.repeats // rounds), e.warmup if r == 0 else 0))
-        n, want_n, want_s = 0, -(-e.energy_inferences // rounds), e.energy_min_window_s / rounds
-        started = time.perf_counter()
-        with meter.window(f"{name}/inference-{r + 1}") as w:
-            while n < want_n or time.perf_counter() - started < want_s:
-                n += run_inferences(predict, x, 256 * 16)
-        energy = w.result
-        per_1k.append(None if energy.energy_j is None else energy.energy_j / n * 1e3)
-        n_total, duration_s, method = n_total + n, duration_s + (energy.duration_s or 0.0), energy.method
-        flags |= set(energy.flags)
-    lat = {b: median_interval(v) for b, v in latency.items()}
-    known_energy = [v for v in per_1k if v is not None]
+        for name in names[r % len(names):] + names[:r % len(names)]:
+            predict, a = predictors[name], acc[name]
+            for b in e.batch_sizes:
+                a["latency"][b].append(median_latency_s(predict, x, b, max(1, e.repeats // rounds),
+                                                        e.warmup if r == 0 else 0))
+            n, want_n, want_s = 0, -(-e.energy_inferences // rounds), e.energy_min_window_s / rounds
+            started = time.perf_counter()
+            with meter.window(f"{name}/inference-{r + 1}") as w:
+                while n < want_n or time.perf_counter() - started < want_s:
+                    n += run_inferences(predict, x, 256 * 16)
+            energy = w.result
+            a["per_1k"].append(None if energy.energy_j is None else energy.energy_j / n * 1e3)
+            a["n"] += n
+            a["duration_s"] += energy.duration_s or 0.0
+            a["method"] = energy.method
+            a["flags"] |= set(energy.flags)
+    return {name: _summary(a, rounds) for name, a in acc.items()}
+
+
+def _summary(a: dict, rounds: int) -> dict:
+    lat = {b: median_interval(v) for b, v in a["latency"].items()}
+    known_energy = [v for v in a["per_1k"] if v is not None]
     energy_median, energy_interval = median_interval(known_energy) if len(known_energy) == rounds else (None, None)
-    return {"inferences_measured": n_total, "throughput_per_s": n_total / duration_s if duration_s else None,
-            "energy_method": method, "energy_flags": tuple(sorted(flags)), "rounds": rounds,
+    return {"inferences_measured": a["n"], "throughput_per_s": a["n"] / a["duration_s"] if a["duration_s"] else None,
+            "energy_method": a["method"], "energy_flags": tuple(sorted(a["flags"])), "rounds": rounds,
             "energy_per_1k_inferences_j": energy_median, "energy_per_1k_inferences_interval_j": energy_interval,
             "latency_s": {b: m for b, (m, _) in lat.items()},
             "latency_interval_s": {b: i for b, (_, i) in lat.items() if i is not None}}
 
 
+def timing_inputs(cfg: PipelineConfig):
+    """Timing and energy batches: real test inputs (up to the largest batch), tiled when the split is smaller."""
+    return first_samples(workload_for(cfg).splits.test, max(256, *cfg.eval.batch_sizes))
+
+
+def measure_variants(cfg: PipelineConfig, variants: list[StageResult], figures: list[VariantFigures],
+                     meter: EnergyMeter) -> list[VariantFigures]:
+    """`figures` (from `evaluate_variant(..., measure=False)`) completed with latency and energy measured
+    round-robin across all the variants, each with the runtime it deploys on."""
+    predictors = {v.name: load_predictor(v.artifact.path, v.artifact.format, cfg.eval.threads) for v in variants}
+    measured = measure_round_robin(cfg, predictors, timing_inputs(cfg), meter)
+    return [f.model_copy(update=measured[v.name]) for v, f in zip(variants, figures, strict=True)]
+
+
 def evaluate_variant(cfg: PipelineConfig, variant: StageResult, deploy_dir: Path,
-                     meter: EnergyMeter) -> VariantFigures:
+                     meter: EnergyMeter, measure: bool = True) -> VariantFigures:
     """Test accuracy, latency per batch size, energy per inference, every size definition, and the deployable
     artifact (checked to predict exactly as the variant), measured with the runtime the variant deploys on,
-    one thread (cfg.eval.threads)."""
+    one thread (cfg.eval.threads). `measure=False` leaves latency and energy out, for `measure_variants` to
+    measure round-robin across every variant."""
     workload = workload_for(cfg)
     test = workload.splits.test
     art = variant.artifact
@@ -216,9 +243,8 @@ def evaluate_variant(cfg: PipelineConfig, variant: StageResult, deploy_dir: Path
         raise ValueError(f"{art.path} changed since its stage wrote it (sha256 mismatch)")
     predict = load_predictor(art.path, art.format, cfg.eval.threads)
     scores = workload.score(predict, test)
-    # Timing and energy batches: real test inputs (up to the largest batch), tiled when the split is smaller.
-    timing_x = first_samples(test, max(256, *cfg.eval.batch_sizes))
-    measured = measure_rounds(cfg, variant.name, predict, timing_x, meter)
+    measured = measure_round_robin(cfg, {variant.name: predict}, timing_inputs(cfg), meter)[variant.name] \
+        if measure else {}
     sizes = size_metrics(art.path, art.format)
     deploy_path, deploy_format, deploy_bytes = deployable_artifact(art.path, art.format, deploy_dir)
     identical = None
