@@ -8,11 +8,9 @@ import zipfile
 from pathlib import Path
 from typing import Any
 
-import mlflow
 import numpy as np
 import pytest
 import torch
-from mlflow.tracking import MlflowClient
 
 from wattflow.config import ConfigError, PipelineConfig, parse_config
 from wattflow.data import DataError, check_data
@@ -276,64 +274,5 @@ def test_a_changed_checkpoint_fails_its_sha256_check(mlp_checkpoint):
         load_checkpoint(mlp_checkpoint, expected_sha256=sha)
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# Training-time faults (errors added with the training work): a GPU where none exists, a NaN loss.
-
-def test_a_gpu_requested_where_none_exists_fails_before_launch():
-    distributed = pytest.importorskip("wattflow.distributed")
-    if distributed.cuda_device_count() > 0:
-        pytest.skip("a GPU is visible here")
-    with pytest.raises(distributed.DeviceUnavailableError, match="train.device='cuda' but no CUDA GPU.*'auto'"):
-        distributed.check_device(parse_config({"train": {"device": "cuda"}}))
-
-
-def test_a_nan_loss_stops_training_with_the_epoch_and_the_fix(tmp_path, monkeypatch):
-    from wattflow.distributed import NonFiniteLossError, launch_training
-
-    monkeypatch.setenv("WATTFLOW_FAULT_NAN", "epoch=1")
-    cfg = parse_config({"train": {"model": "mlp", "mlp_hidden": [16], "epochs": 1, "cpu_ranks": 1,
-                                  "max_restarts": 0}})
-    with pytest.raises(NonFiniteLossError, match="non-finite loss.*epoch 1.*lower"):
-        launch_training(cfg, tmp_path / "train", log=lambda _line: None)
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# A later stage fails inside the real flow: its run FAILED, the parent FAILED, training's run and checkpoint kept.
-
-def test_a_failing_later_stage_leaves_runs_failed_and_training_kept(tmp_path, monkeypatch):
-    from prefect.testing.utilities import prefect_test_harness
-
-    import wattflow.compress.quantize
-    from flows.pipeline import pipeline
-
-    real_quantize = wattflow.compress.quantize.quantize_checkpoint
-
-    def fed_a_truncated_checkpoint(ckpt_path, *args, **kwargs):
-        cut = tmp_path / "cut.pt"
-        cut.write_bytes(Path(ckpt_path).read_bytes()[:1000])
-        return real_quantize(cut, *args, **kwargs)
-
-    monkeypatch.setattr(wattflow.compress.quantize, "quantize_checkpoint", fed_a_truncated_checkpoint)
-    uri = f"sqlite:///{tmp_path}/mlflow.db"
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
-    monkeypatch.setenv("PREFECT_HOME", str(tmp_path / "prefect"))
-    mlflow.set_tracking_uri(uri)
-    cfg = parse_config({
-        "work_dir": str(tmp_path / "artifacts"), "chains": ["bf16"],
-        "train": {"model": "mlp", "mlp_hidden": [16], "epochs": 1, "cpu_ranks": 1},
-        "eval": {"repeats": 1, "warmup": 0, "energy_inferences": 1, "energy_min_window_s": 0}})
-    with prefect_test_harness(server_startup_timeout=120), pytest.raises(CheckpointError, match="re-run training"):
-        pipeline(cfg)
-
-    client = MlflowClient(uri)
-    runs = client.search_runs([client.get_experiment_by_name(cfg.experiment).experiment_id])
-    by_name = {r.info.run_name: r for r in runs}
-    parent = next(r for name, r in by_name.items() if name.startswith("pipeline-"))
-    assert set(by_name) == {parent.info.run_name, "train", "bf16"}
-    assert by_name["bf16"].info.status == "FAILED" and "truncated or corrupt" in by_name["bf16"].data.tags["error"]
-    assert parent.info.status == "FAILED"
-    train = by_name["train"]
-    assert train.info.status == "FINISHED"
-    kept = [p for p in (tmp_path / "artifacts").rglob("model.pt") if sha256_file(p) == train.data.tags[
-        "artifact.sha256"]]
-    assert kept, "the trained checkpoint must stay on disk for a re-run to reuse"
+# (A GPU requested where none exists, a NaN loss: tests/test_elastic.py. A later stage failing inside the real
+# flow, its run and the parent FAILED and training kept: tests/test_resume.py.)

@@ -3,6 +3,7 @@ config that round-trips, or a ConfigError, never another exception."""
 
 from __future__ import annotations
 
+import re
 import tempfile
 from pathlib import Path
 
@@ -61,40 +62,55 @@ def test_any_accepted_config_round_trips(data):
     assert parse_config(yaml.safe_load(yaml.safe_dump(cfg.model_dump()))) == cfg  # and through a YAML recipe
 
 
+SEGMENT = r"""(?:[\w-]+|'(?:[^'\\]|\\.)*'|"(?:[^"\\]|\\.)*")"""  # a key, or its repr when it is not a plain word
+FIELD_LINE = re.compile(rf"^  (\(root\)|{SEGMENT}(?:\.{SEGMENT})*): \S")  # "  train.epochs: Input should be ..."
+
+
+def explained(err: ConfigError) -> bool:
+    """A refusal says what is wrong: each invalid field by its dotted path, or the shape of the whole."""
+    text = str(err)
+    if text.startswith("invalid configuration:\n"):
+        lines = text.splitlines()[1:]
+        return bool(lines) and all(FIELD_LINE.match(line) or line.startswith("    ") for line in lines)
+    return text.startswith(("a configuration must be a mapping of sections", "recipe "))
+
+
+def outcome(parse, data):
+    """The parsed config, or the ConfigError it raised (any other exception fails the test)."""
+    try:
+        return parse(data)
+    except ConfigError as err:
+        return err
+
+
+def accepted_or_explained(result) -> bool:
+    return isinstance(result, PipelineConfig) or (isinstance(result, ConfigError) and explained(result))
+
+
 @SETTINGS
 @given(st.dictionaries(st.sampled_from(SECTIONS + ["chains", "experiment", "bogus"]) | st.text(max_size=8),
                        junk_values, max_size=5))
-def test_junk_dicts_parse_or_raise_config_error(data):
-    try:
-        parse_config(data)
-    except ConfigError:
-        pass
+def test_junk_dicts_parse_or_raise_a_config_error_naming_the_fields(data):
+    assert accepted_or_explained(outcome(parse_config, data))
 
 
 @SETTINGS
 @given(junk_values)
-def test_junk_of_any_shape_parses_or_raises_config_error(data):
-    try:
-        parse_config(data)
-    except ConfigError:
-        pass
+def test_junk_of_any_shape_parses_or_raises_a_config_error_naming_the_fields(data):
+    assert accepted_or_explained(outcome(parse_config, data))
 
 
 def load_text(content: bytes):
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "recipe.yaml"
         path.write_bytes(content)
-        try:
-            return load_config(path)
-        except ConfigError:
-            return None
+        return outcome(load_config, path)
 
 
 @SETTINGS
 @given(st.binary(max_size=300))
-def test_random_bytes_as_a_recipe_load_or_raise_config_error(content):
-    result = load_text(content)
-    assert result is None or isinstance(result, PipelineConfig)
+def test_random_bytes_as_a_recipe_load_or_raise_a_config_error_that_explains(content):
+    assert accepted_or_explained(load_text(content))
 
 
 yaml_ish = st.text(alphabet=st.sampled_from(list("abcdefgtrain:epochs- []{}0123456789.,'\"&*!|>\n #")), max_size=120)
@@ -102,9 +118,13 @@ yaml_ish = st.text(alphabet=st.sampled_from(list("abcdefgtrain:epochs- []{}01234
 
 @SETTINGS
 @given(yaml_ish)
-def test_random_yaml_text_loads_or_raises_config_error(text):
-    result = load_text(text.encode())
-    assert result is None or isinstance(result, PipelineConfig)
+def test_random_yaml_text_loads_or_raises_a_config_error_that_explains(text):
+    assert accepted_or_explained(load_text(text.encode()))
+
+
+def test_the_explanation_check_itself_refuses_an_unexplained_error():
+    assert not explained(ConfigError("something went wrong"))
+    assert explained(outcome(parse_config, {"train": {"epochs": -1}}))
 
 
 @SETTINGS

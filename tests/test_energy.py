@@ -69,13 +69,6 @@ def test_fake_nvml_window_energy_is_power_times_duration():
     assert meter.method_summary == "simulated:nvml"
 
 
-def test_nvml_init_once_per_module():
-    fake = FakeNvml()
-    NvmlBackend(fake, simulated=True)
-    NvmlBackend(fake, simulated=True)
-    assert fake.init_calls == 1
-
-
 def test_nested_windows_and_read_of_open_window():
     meter, _ = fake_gpu_meter(power_w=100.0)
     with meter.window("pipeline") as outer:
@@ -157,7 +150,8 @@ def test_cuda_is_synchronised_at_the_edges_only_when_initialised(monkeypatch, cu
 
 
 def test_real_nvml_requested_without_a_gpu_is_a_typed_error():
-    pynvml = pytest.importorskip("pynvml")
+    import pynvml  # a dependency (nvidia-ml-py): failing to import it is a failure, not a skip
+
     try:
         pynvml.nvmlInit()
         pytest.skip("this machine has NVML")

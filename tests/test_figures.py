@@ -1,7 +1,7 @@
 import csv
 import io
 
-from wattflow.figures import comparison_csv, markdown_report, pareto_png
+from wattflow.figures import comparison_csv, markdown_report, pareto_figure, pareto_png
 from wattflow.select import select_champion
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -26,13 +26,26 @@ STAGE_ENERGY = [
      "flags": ["below_resolution"]}]
 
 
-def test_pareto_png_is_a_real_png_and_skips_unknown_energy(tmp_path):
-    sel = select_champion(ROWS)
-    path = pareto_png(ROWS, sel, tmp_path / "plots" / "pareto.png")
+def test_pareto_png_is_a_real_png(tmp_path):
+    path = pareto_png(ROWS, select_champion(ROWS), tmp_path / "plots" / "pareto.png")
     data = path.read_bytes()
     assert data[:8] == PNG_MAGIC and len(data) > 20_000  # an 880x616 plot with text, not an empty canvas
     width, height = int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
     assert (width, height) == (880, 616)
+
+
+def test_the_pareto_plot_names_rows_of_unknown_energy_instead_of_plotting_them():
+    rows = [{**r, "energy_per_1k_inferences_j_lo": r["energy_per_1k_inferences_j"] * 0.9,
+             "energy_per_1k_inferences_j_hi": r["energy_per_1k_inferences_j"] * 1.1}
+            if r["energy_per_1k_inferences_j"] != "unknown" else r for r in ROWS]
+    ax = pareto_figure(rows, select_champion(rows)).axes[0]
+    texts = [t.get_text() for t in ax.texts]
+    labelled = {t for t in texts if not t.startswith("marker area")}
+    assert labelled == {r["variant"] for r in ROWS} - {"bf16"}  # every known row labelled at its point
+    (note,) = [t for t in texts if t.startswith("marker area")]
+    assert note.endswith("not plotted (energy or accuracy unknown): bf16")
+    assert "champion: onnx-int8-static" in [h.get_label() for h in ax.get_legend().legend_handles]
+    assert len(ax.containers) == 4  # one error bar (95% interval) per plotted row
 
 
 def test_comparison_csv_round_trips_with_the_selection_marked(tmp_path):

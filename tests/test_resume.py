@@ -18,6 +18,7 @@ import wattflow.stages
 from flows.pipeline import pipeline
 from wattflow.chains import plan
 from wattflow.config import PipelineConfig
+from wattflow.models import sha256_file
 from wattflow.provenance import step_cache_key, train_cache_key
 
 pytestmark = pytest.mark.integration
@@ -78,6 +79,18 @@ def test_a_rerun_after_a_failed_later_stage_reuses_the_trained_checkpoint(
     with pytest.raises(RuntimeError, match="injected fault"):
         pipeline(cfg)
     assert len(launches) == 1
+    # The failed stage and the flow's parent run end FAILED (never left RUNNING), with the error; training's run
+    # and checkpoint are kept for the re-run.
+    client = MlflowClient(mlflow_uri)
+    first = {r.info.run_name: r for r in client.search_runs(
+        [client.get_experiment_by_name(cfg.experiment).experiment_id])}
+    parent = next(r for name, r in first.items() if name.startswith("pipeline-"))
+    assert set(first) == {parent.info.run_name, "train", "prune-0.5"}
+    assert first["prune-0.5"].info.status == parent.info.status == "FAILED"
+    assert first["prune-0.5"].data.tags["error"] == "RuntimeError: injected fault in the prune step"
+    assert first["train"].info.status == "FINISHED"
+    assert any(sha256_file(p) == first["train"].data.tags["artifact.sha256"]
+               for p in (tmp_path / "artifacts").rglob("model.pt"))
 
     # Fixed, same configuration: the trained checkpoint is reused, no second training launch.
     monkeypatch.setattr(wattflow.stages, "step_stage", real_step)

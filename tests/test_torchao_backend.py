@@ -15,7 +15,6 @@ from wattflow.data import load_splits
 from wattflow.evaluate import load_predictor, size_metrics
 from wattflow.models import build_model, default_spec
 
-pytest.importorskip("torchao")
 CUDA_ONLY = ("torchao-int8-weight-only", "torchao-fp8")
 
 

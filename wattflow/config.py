@@ -6,6 +6,7 @@ their descriptions and bounds) as the run form. Recipes are YAML files of the sa
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
@@ -360,7 +361,8 @@ def _section_keys(loc: tuple) -> list[str] | None:
 def describe_errors(err: ValidationError) -> str:
     lines = []
     for e in err.errors():
-        field = ".".join(str(p) for p in e["loc"]) or "(root)"
+        # A key that is empty or holds other than word characters is quoted, so the path still names it.
+        field = ".".join(str(p) if re.fullmatch(r"[\w-]+", str(p)) else repr(str(p)) for p in e["loc"]) or "(root)"
         got = repr(e.get("input"))
         got = got if len(got) <= 200 else got[:200] + "..."  # a whole section as input would drown the cause
         hint = ""

@@ -37,9 +37,17 @@ def _error_bar(row: dict, figure: str) -> list[list[float]] | None:
 
 
 def pareto_png(rows: list[dict], selection: Selection, path: str | Path) -> Path:
-    """Accuracy vs energy per 1k inferences; marker area by deployable bytes; Pareto front filled, others
-    hollow; the champion starred. Rows with an unknown energy or accuracy are named in a note instead."""
+    """`pareto_figure` written as a PNG."""
     path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pareto_figure(rows, selection).savefig(path)
+    return path
+
+
+def pareto_figure(rows: list[dict], selection: Selection) -> Figure:
+    """Accuracy vs energy per 1k inferences; marker area by deployable bytes; Pareto front filled, others
+    hollow; the champion starred; 95% intervals as error bars. Rows with an unknown energy or accuracy are named
+    in a note instead."""
     plotted = [r for r in rows if known(r.get(ENERGY)) and known(r.get("accuracy"))]
     missing = [r["variant"] for r in rows if r not in plotted]
     max_bytes = max((r["deployable_bytes"] for r in plotted if known(r.get("deployable_bytes"))), default=1)
@@ -82,9 +90,7 @@ def pareto_png(rows: list[dict], selection: Selection, path: str | Path) -> Path
     if missing:
         note += f"\nnot plotted (energy or accuracy unknown): {', '.join(missing)}"
     ax.text(0.0, -0.16, note, transform=ax.transAxes, fontsize=8, va="top")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
-    return path
+    return fig
 
 
 def _label_offsets_pt(points: list[tuple[float, float]]) -> list[tuple[float, float]]:

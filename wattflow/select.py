@@ -258,7 +258,7 @@ def _reason(rows: list[dict], champion: int, eligible: list[int], in_budget: set
                   else "unknown for the baseline")
         if ppl_budget is None:
             quality = (f"accuracy {_g(row['accuracy'])} vs {_g(base['accuracy'])}: "
-                       f"{_signed_points(-accuracy_drop_points(rows, champion))}")
+                       f"{_signed_points(-accuracy_drop_points(rows, champion))}{_accuracy_interval(row)}")
         else:
             quality = (f"perplexity {_g(row['perplexity'])} vs {_g(base['perplexity'])}: "
                        f"{perplexity_increase_percent(rows, champion):+.2f}%")
@@ -275,6 +275,12 @@ def _reason(rows: list[dict], champion: int, eligible: list[int], in_budget: set
     return (f"the baseline {base['variant']} has the lowest {objective} ({_g(base[objective])} {unit}) among the "
             f"{len(eligible)} variant(s) within {within}; no compressed "
             f"variant beats it.")
+
+
+def _accuracy_interval(row: dict) -> str:
+    """The champion's accuracy interval, so the budget's decision is read against what one test set can show."""
+    lo, hi = row.get("accuracy_lo", UNKNOWN), row.get("accuracy_hi", UNKNOWN)
+    return f"; its 95% interval {lo:.4g}-{hi:.4g}" if known(lo) and known(hi) else ""
 
 
 def _signed_points(points: float) -> str:
