@@ -18,12 +18,13 @@ from functools import lru_cache
 from typing import Any
 
 import numpy as np
+import torch
 from torch import nn
 
 from wattflow.config import PipelineConfig
 from wattflow.data import Splits, first_samples, splits_for
 from wattflow.models import build_model
-from wattflow.plugins import Registry
+from wattflow.plugins import ImportPathError, Registry
 
 WORKLOADS: Registry = Registry("workload")
 
@@ -85,6 +86,31 @@ class Workload:
 
     def check(self) -> None:
         """Everything that can fail about the data and the model, now, before any expensive work."""
+
+    def models_on_example(self) -> list[tuple[str, torch.Tensor, Any]]:
+        """(config field, example batch, output) of each model the recipe builds (the trained one; the student
+        when a chain distills), run on 2 real samples. WorkloadError naming the field when one cannot be built
+        or fails on the data: the workload's `check` then judges the outputs."""
+        fields = [("train.model", self.model_spec)]
+        if any(st.kind == "distill" for c in self.cfg.chains for st in c.steps):
+            fields.append(("distill.student_model", self.student_spec))
+        ran = []
+        for field, spec_of in fields:
+            try:
+                model = build_model(spec_of())
+            except ImportPathError as err:
+                raise WorkloadError(str(err)) from None
+            except (TypeError, ValueError) as err:
+                raise WorkloadError(f"{field}: the model cannot be built ({type(err).__name__}: {err})") from None
+            x = torch.from_numpy(self.example_inputs(2))
+            try:
+                with torch.inference_mode():
+                    out = model.eval()(x)
+            except Exception as err:  # the user's forward: any error is a mismatch with the data
+                raise WorkloadError(f"{field}: the model fails on a batch of the data (shape {list(x.shape)}, "
+                                    f"{x.dtype}): {type(err).__name__}: {err}") from None
+            ran.append((field, x, out))
+        return ran
 
     def sample(self, checkpoint: str) -> str | None:
         """A short example of what the model at `checkpoint` produces, for the report (None: nothing to show)."""

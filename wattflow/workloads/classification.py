@@ -14,8 +14,7 @@ from torch import nn
 
 from wattflow.config import FactoryRef
 from wattflow.data import DataError, batches
-from wattflow.models import PRUNABLE, build_model, output_layer
-from wattflow.plugins import ImportPathError
+from wattflow.models import PRUNABLE, output_layer
 from wattflow.workloads import WORKLOADS, Workload, WorkloadError
 from wattflow.zoo import MODELS
 
@@ -81,23 +80,7 @@ class Classification(Workload):
 
     def check(self) -> None:
         s = self.splits  # DataError for a bad file or folder
-        for field, spec_of in (("train.model", self.model_spec), ("distill.student_model", self.student_spec)):
-            if field == "distill.student_model" and not any(st.kind == "distill" for c in self.cfg.chains
-                                                            for st in c.steps):
-                continue
-            try:
-                model = build_model(spec_of())
-            except ImportPathError as err:
-                raise WorkloadError(str(err)) from None
-            except (TypeError, ValueError) as err:
-                raise WorkloadError(f"{field}: the model cannot be built ({type(err).__name__}: {err})") from None
-            x = torch.from_numpy(self.example_inputs(2))
-            try:
-                with torch.inference_mode():
-                    out = model.eval()(x)
-            except Exception as err:  # the user's forward: any error is a mismatch with the data
-                raise WorkloadError(f"{field}: the model fails on a batch of the data (shape {list(x.shape)}, "
-                                    f"{x.dtype}): {type(err).__name__}: {err}") from None
+        for field, _, out in self.models_on_example():
             if not isinstance(out, torch.Tensor) or tuple(out.shape) != (2, s.num_classes):
                 got = list(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
                 raise WorkloadError(f"{field}: the model maps a batch of 2 samples to {got}, but the data has "

@@ -17,8 +17,6 @@ from torch import nn
 
 from wattflow.config import FactoryRef
 from wattflow.data import DataError, batches
-from wattflow.models import build_model
-from wattflow.plugins import ImportPathError
 from wattflow.workloads import WORKLOADS, Workload, WorkloadError
 from wattflow.zoo import MODELS
 
@@ -98,23 +96,7 @@ class LanguageModel(Workload):
         if s.input_dtype != "int64" or len(s.input_shape) != 1:
             raise DataError(f"language-model takes windows of token ids (data.dataset: text); the data gives "
                             f"{s.input_dtype} samples of shape {list(s.input_shape)}")
-        fields = [("train.model", self.model_spec)]
-        if any(st.kind == "distill" for c in self.cfg.chains for st in c.steps):
-            fields.append(("distill.student_model", self.student_spec))
-        for field, spec_of in fields:
-            try:
-                model = build_model(spec_of())
-            except ImportPathError as err:
-                raise WorkloadError(str(err)) from None
-            except (TypeError, ValueError) as err:
-                raise WorkloadError(f"{field}: the model cannot be built ({type(err).__name__}: {err})") from None
-            x = torch.from_numpy(self.example_inputs(2))
-            try:
-                with torch.inference_mode():
-                    out = model.eval()(x)
-            except Exception as err:  # the user's forward: any error is a mismatch with the data
-                raise WorkloadError(f"{field}: the model fails on a batch of token windows {list(x.shape)}: "
-                                    f"{type(err).__name__}: {err}") from None
+        for field, x, out in self.models_on_example():
             want = (2, *s.input_shape, s.num_classes)
             if not isinstance(out, torch.Tensor) or tuple(out.shape) != want:
                 got = list(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
