@@ -45,13 +45,14 @@ SERVERS_SH = STATE="$(STATE)" VENV="$(CURDIR)/$(VENV)" BIND_HOST="$(BIND_HOST)" 
 	MLFLOW_ARTIFACTS="$(MLFLOW_ARTIFACTS)" PREFECT_API_URL="$(SERVER_API)" WORKER_MLFLOW_URI="$(WORKER_MLFLOW_URI)" \
 	bash deployments/servers.sh
 
-.PHONY: help setup state example-data run-flow test lint bench gpu-check mlflow-ui prefect-ui serve screenshots server deploy worker stop sync clean \
+.PHONY: help setup state example-data run-flow test test-fast lint bench gpu-check mlflow-ui prefect-ui serve screenshots server deploy worker stop sync clean \
 	distclean
 
 help:
 	@echo "make run-flow [CONFIG=recipe.yaml]  run the whole pipeline here (sets up .venv first)"
 	@echo "make example-data                   write examples/bring-your-own/images (RGB digits, no download)"
 	@echo "make test                           run the test suite"
+	@echo "make test-fast                      the unit tests only: no torchrun ranks, no servers, no flows"
 	@echo "make lint                           ruff"
 	@echo "make bench [BENCH=quick]            benchmarks -> bench/results/*.json + SUMMARY.md"
 	@echo "make gpu-check                      on an NVIDIA GPU: counter vs power-integral energy"
@@ -91,6 +92,9 @@ run-flow: setup state $(if $(and $(CONFIG),$(shell grep -l '$(EXAMPLE_IMAGES)' $
 
 test: setup state
 	$(PY) -m pytest
+
+test-fast: setup state
+	$(PY) -m pytest -m "not integration" -q
 
 lint: setup
 	$(VENV)/bin/ruff check wattflow flows tasks tests bench examples

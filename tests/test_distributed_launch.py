@@ -11,6 +11,8 @@ from wattflow.config import PipelineConfig
 from wattflow.distributed import Rendezvous, free_port, launch_training, torchrun_command
 from wattflow.models import load_checkpoint
 
+pytestmark = pytest.mark.integration  # starts torchrun ranks or servers: not in make test-fast
+
 
 def test_multi_node_command_uses_the_c10d_rendezvous(tmp_path):
     rdzv = Rendezvous(nnodes=2, node_rank=1, endpoint="10.0.0.5:29400", run_id="run-7")

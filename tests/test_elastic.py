@@ -19,6 +19,8 @@ from wattflow.distributed import (
     parse_fault,
 )
 
+pytestmark = pytest.mark.integration  # starts torchrun ranks or servers: not in make test-fast
+
 EPOCHS = 4
 
 

@@ -1,6 +1,10 @@
 import json
 
+import pytest
+
 from wattflow.gpu_check import main
+
+pytestmark = pytest.mark.integration  # starts torchrun ranks or servers: not in make test-fast
 
 
 def test_gpu_check_runs_end_to_end_on_a_simulated_gpu(tmp_path, monkeypatch, capsys):

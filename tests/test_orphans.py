@@ -8,10 +8,13 @@ import subprocess
 import sys
 import threading
 
+import pytest
+
 from tasks.concurrency import host_locks
 from wattflow.distributed import stop_process_group
 
 
+@pytest.mark.integration  # real processes in sessions of their own
 def test_ranks_left_behind_by_a_dead_torchrun_are_stopped(tmp_path):
     # A stand-in rank in a session of its own (as torchrun starts them), whose launcher is already gone.
     rank = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)", "-m", "wattflow.train"],

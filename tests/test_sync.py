@@ -83,6 +83,7 @@ def checkpoint(tmp_path) -> Path:
     return path
 
 
+@pytest.mark.integration  # a real MLflow server, killed and restarted
 def test_writes_during_an_outage_are_synced_once_into_the_right_runs(tmp_path, checkpoint, caplog):
     store, run_dir, port = tmp_path / "store", tmp_path / "run", free_port()
     uri = f"http://127.0.0.1:{port}"

@@ -12,6 +12,8 @@ from wattflow.distributed import TrainingError, launch_training
 from wattflow.models import load_checkpoint
 from wattflow.train import lr_factor
 
+pytestmark = pytest.mark.integration  # starts torchrun ranks or servers: not in make test-fast
+
 
 def test_lr_schedule_warms_up_then_decays_to_zero():
     assert lr_factor(0, 10, 100) == pytest.approx(0.1)

@@ -217,6 +217,7 @@ def test_imports_point_down_only():
     assert library == set() and tasks == set()
 
 
+@pytest.mark.integration  # torchrun ranks
 def test_ranks_find_data_named_by_a_relative_path(tmp_path, monkeypatch):
     """torchrun's ranks run in the launch's own directory: a recipe's relative data.path must still resolve."""
     from wattflow.distributed import launch_training
