@@ -10,11 +10,13 @@ import torch
 from wattflow.compress.backends.onnx_int8 import export_onnx
 from wattflow.compress.prune import prune_checkpoint
 from wattflow.compress.wanda import input_norms, nm_mask, sparsify
-from wattflow.config import PipelineConfig
+from wattflow.config import PipelineConfig, parse_step
 from wattflow.data import DataError, loader
 from wattflow.datasets.text import decode, embedded_corpus, encode
 from wattflow.evaluate import load_predictor
 from wattflow.models import build_model, load_checkpoint, save_checkpoint
+from wattflow.stages import Artifact, StageResult
+from wattflow.steps.sparsify import SparsifyStep
 from wattflow.train import torch_predictor
 from wattflow.workloads import WorkloadError, check_workload, workload_for
 
@@ -156,3 +158,26 @@ def test_a_two_four_chain_on_a_model_with_narrow_layers_fails_before_any_work(tm
                                     "chains": [cfg.chains[0].model_validate("wanda:2:4")]})
     with pytest.raises(WorkloadError, match=r"wanda:2:4.*multiples of 4.*blocks.0.attn.q': 18"):
         check_workload(narrow)
+
+
+def test_a_short_fine_tune_after_wanda_keeps_every_pruned_weight_at_zero(small, tmp_path):
+    cfg, workload, model = small
+    ckpt = tmp_path / "gpt.pt"
+    sha = save_checkpoint(ckpt, model, workload.model_spec(), workload.meta())
+    source = StageResult(name="train", stage="train", chain=["train"], energy={"name": "train", "duration_s": 0.0,
+                         "devices": []}, artifact=Artifact(path=str(ckpt), format="torch", sha256=sha))
+    cfg = cfg.model_copy(update={"prune": cfg.prune.model_copy(update={"lr": 0.01})})
+    results = {}
+    for token in ("wanda:2:4", "wanda:2:4,ft=1"):
+        step = SparsifyStep.model_validate(parse_step(token))
+        artifact, params, metrics = step.run(cfg, source, tmp_path, step.label())
+        results[token] = load_checkpoint(artifact.path, artifact.sha256)[0]
+        assert params["fine_tune_epochs"] == (1 if "ft" in token else 0)
+        assert metrics["sparsity"] == pytest.approx(0.5)
+    one_shot, tuned = results["wanda:2:4"], results["wanda:2:4,ft=1"]
+    for (name, a), b in zip(one_shot.named_parameters(), tuned.parameters(), strict=True):
+        if name.startswith("blocks.") and name.endswith("weight") and a.dim() == 2:  # the sparsified Linears
+            assert torch.equal(a == 0, b == 0), name  # the same 2:4 pattern, still exactly 2 of every 4
+    assert any(not torch.equal(a, b) for a, b in zip(one_shot.parameters(), tuned.parameters(), strict=True))
+    score = workload.score(torch_predictor(tuned), workload.splits.val)["perplexity"]
+    assert score < workload.score(torch_predictor(one_shot), workload.splits.val)["perplexity"]

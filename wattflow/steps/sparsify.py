@@ -3,6 +3,7 @@
     wanda:0.5      Wanda scores |W|*||X|| from calibration batches, half of every row's weights removed
     magnitude:0.5  the same by |W| alone (the baseline the Wanda paper compares with)
     wanda:2:4      semi-structured: the 2 best of every 4 consecutive weights of a row kept (sparse tensor cores)
+    wanda:0.5,ft=1 then a short fine-tune of 1 epoch (`prune.lr`, SGD) with the masks held: zeros stay zero
 
 Every Linear layer is sparsified except the kept ones (the LM / classifier head). The dense file does not
 shrink; the packed deployable stores the zeros compactly. A 2:4 model runs dense here (torch eager, ONNX
@@ -28,6 +29,8 @@ class SparsifyStep(Step):
         description="wanda: |weight| x L2 norm of its input over calibration batches; magnitude: |weight|.")
     sparsity: float | None = Field(None, gt=0.0, lt=1.0, description="Share of each row's weights removed.")
     pattern: str | None = Field(None, description="n:m semi-structured sparsity instead (2:4: keep 2 of every 4).")
+    fine_tune_epochs: int = Field(0, ge=0, le=100, description="An optional short fine-tune after the one-shot "
+                                  "sparsity (prune.lr), with the masks held so the pattern survives.")
 
     @model_validator(mode="after")
     def _one_of(self) -> SparsifyStep:
@@ -51,17 +54,25 @@ class SparsifyStep(Step):
 
     @classmethod
     def from_token(cls, name: str, arg: str) -> dict[str, Any]:
+        arg, _, option = arg.partition(",")
+        fields: dict[str, Any] = {"score": name}
+        if option:
+            key, _, value = option.partition("=")
+            if key.strip() != "ft":
+                raise ValueError(f"{name}:{arg},{option}: the one option is ft=<fine-tune epochs>")
+            fields["fine_tune_epochs"] = value.strip()
         if _PATTERN.match(arg):
-            return {"score": name, "pattern": arg}
-        return {"score": name, "sparsity": arg or None}
+            return {**fields, "pattern": arg}
+        return {**fields, "sparsity": arg or None}
 
     def label(self) -> str:
-        if self.pattern is None:
-            return f"{self.score}-{self.sparsity:g}"
-        return f"{self.score}-{self.pattern.replace(':', 'of')}"  # "wanda-2of4": no ':' in file and run names
+        base = (f"{self.score}-{self.sparsity:g}" if self.pattern is None
+                else f"{self.score}-{self.pattern.replace(':', 'of')}")  # "wanda-2of4": no ':' in file and run names
+        return f"{base}-ft{self.fine_tune_epochs}" if self.fine_tune_epochs else base
 
     def compact(self) -> str:
-        return f"{self.score}:{self.sparsity!r}" if self.pattern is None else f"{self.score}:{self.pattern}"
+        base = f"{self.score}:{self.sparsity!r}" if self.pattern is None else f"{self.score}:{self.pattern}"
+        return f"{base},ft={self.fine_tune_epochs}" if self.fine_tune_epochs else base
 
     def check(self, model, kept: list) -> None:
         if self.pattern is None:
@@ -77,7 +88,9 @@ class SparsifyStep(Step):
                              "or use a sparsity instead of a pattern)")
 
     def settings(self, cfg) -> dict[str, Any]:
-        return {"calibration_samples": cfg.quantize.calibration_samples, "keep_layers": cfg.train.keep_layers}
+        return {"calibration_samples": cfg.quantize.calibration_samples, "keep_layers": cfg.train.keep_layers,
+                **({"lr": cfg.prune.lr, "batch_size": cfg.train.batch_size, "seed": cfg.train.seed}
+                   if self.fine_tune_epochs else {})}
 
     def run(self, cfg, source, out_dir: Path, name: str):
         from torch import nn
@@ -100,6 +113,18 @@ class SparsifyStep(Step):
                        for _, (xb, _) in zip(range(n_batches), train, strict=False))
         per_layer = sparsify(model, layers, self.score, self.sparsity, self.nm() if self.pattern else None,
                              calibration)
+        if self.fine_tune_epochs:
+            from torch.nn.utils import prune
+
+            from wattflow.compress.prune import fine_tune
+
+            for layer in layers.values():  # the masks ride along as hooks: zeros stay zero while training
+                prune.custom_from_mask(layer, "weight", layer.weight.detach() != 0)
+            fine_tune(model, workload.splits.train, self.fine_tune_epochs, cfg.prune.lr, cfg.train.batch_size,
+                      cfg.train.seed, workload.loss)
+            for layer in layers.values():
+                prune.remove(layer, "weight")
+            per_layer = {f"{n}.weight": float((m.weight == 0).float().mean()) for n, m in layers.items()}
         total = sum(m.weight.numel() for m in layers.values())
         zeros = sum(int((m.weight == 0).sum()) for m in layers.values())
         meta = {**meta, "sparsity_score": self.score, "sparsity_pattern": self.pattern,
@@ -107,6 +132,7 @@ class SparsifyStep(Step):
         out = out_dir / f"{name}.pt"
         sha = save_checkpoint(out, model, spec, meta)
         params = {"score": self.score, "sparsity": self.sparsity if self.sparsity is not None else "n/a",
+                  "fine_tune_epochs": self.fine_tune_epochs,
                   "pattern": self.pattern or "none", "calibration_samples": cfg.quantize.calibration_samples,
                   "kernels": "dense here (2:4 sparse kernels need CUDA capability >= 8.0)" if self.pattern else "dense"}
         metrics = {"sparsity": zeros / total, **{f"sparsity.{k}": v for k, v in per_layer.items()}}
