@@ -109,6 +109,9 @@ def _holder() -> ConcurrencyLeaseHolder | None:
     return ConcurrencyLeaseHolder(type="flow_run", id=flow.flow_run.id) if flow and flow.flow_run else None
 
 
+_REASONS_SAID: set[str] = set()
+
+
 @contextmanager
 def measured_slot(log: Callable[[str], None] | None = None, *, names: list[str] | None = None,
                   timeout_s: float | None = None) -> Iterator[list[str]]:
@@ -126,7 +129,11 @@ def measured_slot(log: Callable[[str], None] | None = None, *, names: list[str] 
     if names is None:
         names, why_no_gpu = _host_slots(None, None)
     if log:
-        log(f"waiting for measured-stage slot(s) {', '.join(names)}" + (f" ({why_no_gpu})" if why_no_gpu else ""))
+        # Why there is no GPU slot does not change within a process (a flow run): say it the first time only.
+        said = why_no_gpu in _REASONS_SAID
+        _REASONS_SAID.add(why_no_gpu)
+        log(f"waiting for measured-stage slot(s) {', '.join(names)}"
+            + (f" ({why_no_gpu})" if why_no_gpu and not said else ""))
     with ExitStack() as stack:
         stack.enter_context(host_locks(names))
         if os.environ.get("PREFECT_API_URL"):

@@ -122,3 +122,16 @@ def test_two_workers_two_nodes_one_process_group(tmp_path_factory):
     node_j = [EnergyResult.from_dict(r["energy"]).energy_j for r in records]
     assert energy.method == "estimated:cpu-time" and len(energy.nodes) == 2
     assert energy.energy_j == pytest.approx(sum(node_j)) and all(j > 0 for j in node_j)
+
+
+def test_why_there_is_no_gpu_slot_is_said_once_per_process(monkeypatch):
+    monkeypatch.setattr("tasks.concurrency._REASONS_SAID", set())
+    monkeypatch.setattr("tasks.concurrency._host_slots", lambda *_: (["cpu:test-once"], "NVML unavailable (x)"))
+    monkeypatch.delenv("PREFECT_API_URL", raising=False)
+    lines: list[str] = []
+    for _ in range(3):
+        with measured_slot(lines.append):
+            pass
+    waiting = [line for line in lines if line.startswith("waiting")]
+    assert waiting[0] == "waiting for measured-stage slot(s) cpu:test-once (NVML unavailable (x))"
+    assert waiting[1:] == ["waiting for measured-stage slot(s) cpu:test-once"] * 2
