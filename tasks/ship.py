@@ -15,14 +15,12 @@ from prefect.runtime import flow_run
 from tasks.concurrency import measured_slot
 from wattflow.card import model_card
 from wattflow.config import PipelineConfig
-from wattflow.energy import EnergyResult, make_meter
+from wattflow.energy import make_meter
 from wattflow.figures import comparison_csv, markdown_report, pareto_png
-from wattflow.models import sha256_file
-from wattflow.promotion import previous_champion, promotion_decision
+from wattflow.promotion import previous_champion, promotion_decision, reevaluate
 from wattflow.registry import VERSION_PLACEHOLDER, registration
-from wattflow.report import summary_rows
 from wattflow.select import Selection, select_for
-from wattflow.stages import Artifact, StageResult, VariantFigures, evaluate_variant
+from wattflow.stages import StageResult, VariantFigures
 from wattflow.tracking import Tracker
 from wattflow.workloads import workload_for
 
@@ -56,17 +54,13 @@ def previous_champion_row(cfg: PipelineConfig, run_dir: str) -> tuple[dict | Non
     previous = previous_champion(tracker.client, workload_for(cfg).registered_model_name)
     if previous is None or previous.path is None:
         return None, "no current champion" if previous is None else previous.note
-    stage = StageResult(name=f"v{previous.version} ({previous.variant})", stage="train",
-                        chain=["registry", previous.variant], energy=EnergyResult("previous", 0.0, ()).to_dict(),
-                        artifact=Artifact(path=previous.path, format=previous.runtime,
-                                          sha256=sha256_file(previous.path)))
     try:
         with measured_slot(get_run_logger().info):
-            figures = evaluate_variant(cfg, stage, Path(run_dir) / "previous", make_meter(cfg.energy))
+            row = reevaluate(cfg, previous, Path(run_dir) / "previous", make_meter(cfg.energy))
     except Exception as err:  # another workload's model, an unreadable file: it cannot be compared here
         return None, (f"the current champion v{previous.version} cannot be re-evaluated here "
                       f"({type(err).__name__}: {err})")
-    return summary_rows([stage], [figures])[0], f"re-evaluated v{previous.version}"
+    return row, f"re-evaluated v{previous.version}"
 
 
 @task(name="ship", cache_policy=NO_CACHE)

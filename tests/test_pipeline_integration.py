@@ -158,7 +158,7 @@ def test_pipeline_logs_the_mlflow_contract(prefect_server, mlflow_uri, tmp_path,
     # make serve: MLflow's model server on loopback answers with the evaluated variant's predictions
     champion_variant = next(r for r in children if r.info.run_name == result["champion"])
     deployable = champion_variant.data.tags["eval.deployable.path"]  # predicts exactly as the evaluated variant
-    evaluated = load_predictor(deployable, "onnx" if deployable.endswith(".onnx") else "packed")
+    evaluated = load_predictor(deployable, champion_variant.data.tags["eval.deployable.runtime"])
     x = first_samples(workload_for(tiny_config(tmp_path)).splits.test, 8)
     with model_server("models:/wattflow-digits@champion", mlflow_uri, tmp_path / "serve.log") as url:
         request = urllib.request.Request(f"{url}/invocations", data=json.dumps({"inputs": x.tolist()}).encode(),
@@ -207,9 +207,7 @@ def test_bring_your_own_example_runs_every_chain_and_ships_a_usable_model(prefec
     result = pipeline(cfg)
 
     client = MlflowClient(mlflow_uri)
-    parent = client.get_run(result["mlflow_run_id"])
-    children = client.search_runs([parent.info.experiment_id],
-                                  filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
+    parent, children = parent_and_children(client, result)
     by_name = {c.info.run_name: c for c in children}
     expected = {"train", *("+".join(c.labels) for c in cfg.chains)}
     skipped = {k.removeprefix("skipped.") for k in parent.data.tags if k.startswith("skipped.")}
@@ -245,9 +243,7 @@ def test_the_gpt_recipe_runs_every_chain_and_ships_a_model_that_returns_next_tok
     result = pipeline(cfg)
 
     client = MlflowClient(mlflow_uri)
-    parent = client.get_run(result["mlflow_run_id"])
-    children = client.search_runs([parent.info.experiment_id],
-                                  filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
+    parent, children = parent_and_children(client, result)
     assert {c.info.run_name for c in children} == {"train", "wanda-0.5", "magnitude-2of4", "channels-0.5", "distill",
                                                    "distill+onnx-int8-dynamic", "kmeans-4bit"}
     for run in children:
@@ -262,6 +258,13 @@ def test_the_gpt_recipe_runs_every_chain_and_ships_a_model_that_returns_next_tok
     logits = model.predict(tokens)
     vocab = workload_for(cfg).splits.num_classes
     assert tokens.dtype == np.int64 and np.asarray(logits).shape == (3, 16, vocab)
+
+
+def parent_and_children(client: MlflowClient, result: dict):
+    """The flow run's MLflow parent run and its child runs (one per stage and variant)."""
+    parent = client.get_run(result["mlflow_run_id"])
+    return parent, client.search_runs([parent.info.experiment_id],
+                                      filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
 
 
 def by_name_metric(runs, name: str, metric: str) -> float:

@@ -147,6 +147,9 @@ def test_the_current_champion_is_found_and_says_when_its_file_is_not_here(logged
     assert found.path is None and "not on this machine" in found.note  # these runs were never evaluated
     tracker.set_tag(int8.mlflow_run_id, "eval.deployable.path", int8.artifact.path)
     found = previous_champion(tracker.client, "digits-promotion")
+    assert found.path is None and found.note == "its runtime was not recorded"
+    tracker.set_tag(int8.mlflow_run_id, "eval.deployable.runtime", "onnx")
+    found = previous_champion(tracker.client, "digits-promotion")
     assert (found.path, found.runtime) == (int8.artifact.path, "onnx")
 
 

@@ -27,6 +27,12 @@ def wilson(correct: float, n: int, z: float = Z95) -> tuple[float, float]:
     return lo, hi
 
 
+def bounds(figure: str, pair: tuple[float, float] | None, scale: float = 1.0) -> dict[str, float]:
+    """`{<figure>_lo, <figure>_hi}` of an interval (times `scale`), or nothing when it is unknown: the names every
+    record of an interval uses (MLflow metrics, summary rows, selection)."""
+    return {} if pair is None else {f"{figure}_lo": pair[0] * scale, f"{figure}_hi": pair[1] * scale}
+
+
 BOOTSTRAP_RESAMPLES = 2000
 
 

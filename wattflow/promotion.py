@@ -17,7 +17,8 @@ from mlflow.tracking import MlflowClient
 from wattflow.select import interval, known
 
 CHAMPION = "champion"
-DEPLOYABLE_TAG = "eval.deployable.path"  # what evaluation tagged on the variant's run (wattflow.stages)
+# What evaluation tagged on the variant's run (wattflow.stages.VariantFigures.mlflow_tags).
+DEPLOYABLE_TAG, RUNTIME_TAG = "eval.deployable.path", "eval.deployable.runtime"
 
 
 @dataclass(frozen=True)
@@ -37,13 +38,28 @@ def previous_champion(client: MlflowClient, model_name: str) -> PreviousChampion
     except MlflowException:
         return None
     tags = client.get_run(version.run_id).data.tags
-    path = tags.get(DEPLOYABLE_TAG)
+    path, runtime = tags.get(DEPLOYABLE_TAG), tags.get(RUNTIME_TAG)
     variant = version.tags.get("wattflow.variant", "?")
-    if not path or not Path(path).is_file():
+    if not path or not Path(path).is_file() or not runtime:
         return PreviousChampion(str(version.version), variant, version.run_id, None, None,
-                                f"its deployable file {path or '(not recorded)'} is not on this machine")
-    runtime = "onnx" if path.endswith(".onnx") else "packed"
+                                f"its deployable file {path or '(not recorded)'} is not on this machine"
+                                if not path or not Path(path).is_file() else "its runtime was not recorded")
     return PreviousChampion(str(version.version), variant, version.run_id, path, runtime)
+
+
+def reevaluate(cfg, previous: PreviousChampion, out_dir: Path, meter) -> dict:
+    """The previous champion's deployable evaluated like a new variant (same measurement, this machine), as a
+    summary row (`wattflow.report.summary_rows`). Raises whatever evaluation raises (another workload's model)."""
+    from wattflow.energy import EnergyResult
+    from wattflow.models import sha256_file
+    from wattflow.report import summary_rows
+    from wattflow.stages import Artifact, StageResult, evaluate_variant
+
+    stage = StageResult(name=f"v{previous.version} ({previous.variant})", stage="train",
+                        chain=["registry", previous.variant], energy=EnergyResult("previous", 0.0, ()).to_dict(),
+                        artifact=Artifact(path=previous.path, format=previous.runtime,
+                                          sha256=sha256_file(previous.path)))
+    return summary_rows([stage], [evaluate_variant(cfg, stage, out_dir, meter)])[0]
 
 
 def promotion_decision(new: dict, previous: dict | None, objective: str, mode: str) -> tuple[bool, str]:

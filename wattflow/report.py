@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from rich.table import Table
 
+from wattflow.intervals import bounds
 from wattflow.stages import StageResult, VariantFigures
 
 UNKNOWN = "unknown"
@@ -56,8 +57,8 @@ def summary_rows(variants: list[StageResult], figures: list[VariantFigures]) -> 
             # 95% intervals (median over eval.rounds rounds; Wilson for accuracy): "lo-hi", or unknown
             "energy_per_1k_inferences_95": _span(f.energy_per_1k_inferences_interval_j),
             "accuracy_95": _span(f.accuracy_interval),
-            **_bounds("energy_per_1k_inferences_j", f.energy_per_1k_inferences_interval_j),
-            **_bounds("accuracy", f.accuracy_interval),
+            **_rounded(bounds("energy_per_1k_inferences_j", f.energy_per_1k_inferences_interval_j)),
+            **_rounded(bounds("accuracy", f.accuracy_interval)),
             **({"energy_per_1k_tokens_j": sig(f.energy_per_1k_tokens_j, 3), "tokens_per_s": sig(f.tokens_per_s, 3)}
                if f.tokens_per_sample else {}),
             "inference_energy_method": f.energy_method,
@@ -65,9 +66,8 @@ def summary_rows(variants: list[StageResult], figures: list[VariantFigures]) -> 
     return rows
 
 
-def _bounds(figure: str, pair: tuple[float, float] | None) -> dict:
-    """`<figure>_lo` / `<figure>_hi` where the interval is known (the plot's error bars, the CSV)."""
-    return {} if pair is None else {f"{figure}_lo": sig(pair[0], 4), f"{figure}_hi": sig(pair[1], 4)}
+def _rounded(figures: dict[str, float]) -> dict[str, float]:
+    return {k: sig(v) for k, v in figures.items()}
 
 
 def _span(pair: tuple[float, float] | None) -> str:

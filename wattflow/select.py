@@ -23,6 +23,7 @@ from __future__ import annotations
 from pydantic import BaseModel, ConfigDict
 
 from wattflow.config import Objective, SelectConfig  # noqa: F401 (re-exported)
+from wattflow.intervals import bounds
 
 UNKNOWN = "unknown"  # as in wattflow.report (not imported: this module stays free of torch and the stages)
 
@@ -219,9 +220,6 @@ def exact_rows(rows: list[dict], figures: list) -> list[dict]:
     the MLflow metrics say, even at a tie or at the budget's edge. Unknown figures become "unknown"."""
     def exact(value: float | None, scale: float = 1.0):
         return UNKNOWN if value is None else value * scale
-
-    def bounds(figure: str, pair: tuple[float, float] | None, scale: float = 1.0) -> dict:
-        return {} if pair is None else {f"{figure}_lo": pair[0] * scale, f"{figure}_hi": pair[1] * scale}
 
     return [{**r, **bounds("accuracy", f.accuracy_interval),
              **bounds("energy_per_1k_inferences_j", f.energy_per_1k_inferences_interval_j),

@@ -18,7 +18,7 @@ from wattflow.data import batches, first_samples
 from wattflow.distributed import launch_training
 from wattflow.energy import EnergyMeter, EnergyResult
 from wattflow.evaluate import deployable_artifact, load_predictor, median_latency_s, run_inferences, size_metrics
-from wattflow.intervals import median_interval, wilson
+from wattflow.intervals import bounds, median_interval, wilson
 from wattflow.models import load_checkpoint, sha256_file
 from wattflow.runtimes import RUNTIMES
 from wattflow.workloads import workload_for
@@ -55,10 +55,6 @@ class StageResult(BaseModel):
         return EnergyResult.from_dict(self.energy)
 
 
-def _bounds(figure: str, pair: tuple[float, float] | None) -> dict[str, float]:
-    return {} if pair is None else {f"{figure}_lo": pair[0], f"{figure}_hi": pair[1]}
-
-
 class VariantFigures(BaseModel):
     """What evaluation measured of one variant; None is unknown (never 0). Formatted only at the edges: the
     summary rows and table (`wattflow.report`), MLflow metrics and tags (`mlflow_metrics`, `mlflow_tags`)."""
@@ -83,6 +79,7 @@ class VariantFigures(BaseModel):
     size_lzma_bytes: int | None = None
     deployable_bytes: int | None = None
     deployable_path: str | None = None
+    deployable_runtime: str | None = None         # the runtime (wattflow.runtimes) that file runs on
     deployable_identical: bool | None = None      # None: the deployable is the file itself (nothing to check)
     tokens_per_sample: int | None = None          # language models: one inference scores a window of tokens
 
@@ -122,8 +119,8 @@ class VariantFigures(BaseModel):
                    else float(self.deployable_identical),
                    "energy_per_1k_tokens_j": self.energy_per_1k_tokens_j, "tokens_per_s": self.tokens_per_s,
                    "eval_rounds": self.rounds,
-                   **_bounds("energy_per_1k_inferences_j", self.energy_per_1k_inferences_interval_j),
-                   **{k: v for b, pair in self.latency_interval_s.items() for k, v in _bounds(f"latency_b{b}_s",
+                   **bounds("energy_per_1k_inferences_j", self.energy_per_1k_inferences_interval_j),
+                   **{k: v for b, pair in self.latency_interval_s.items() for k, v in bounds(f"latency_b{b}_s",
                                                                                                pair).items()},
                    **(dict(zip(("accuracy_lo", "accuracy_hi"), self.accuracy_interval, strict=True))
                       if self.accuracy_interval else {})}
@@ -134,6 +131,7 @@ class VariantFigures(BaseModel):
                 "eval.energy_per_1k_inferences.flags": ",".join(self.energy_flags) or "none"}
         if self.deployable_path is not None:
             tags["eval.deployable.path"] = self.deployable_path
+            tags["eval.deployable.runtime"] = str(self.deployable_runtime)
         return tags
 
 
@@ -255,5 +253,6 @@ def evaluate_variant(cfg: PipelineConfig, variant: StageResult, deploy_dir: Path
                           param_count=sizes["param_count"], nonzero_params=sizes["nonzero_params"],
                           dense_bytes=sizes["dense_bytes"], size_bytes=sizes["file_bytes"],
                           size_lzma_bytes=sizes["lzma_bytes"], deployable_bytes=deploy_bytes,
-                          deployable_path=deploy_path, deployable_identical=identical,
+                          deployable_path=deploy_path, deployable_runtime=deploy_format,
+                          deployable_identical=identical,
                           tokens_per_sample=workload.meta().get("tokens_per_sample"))
