@@ -70,8 +70,12 @@ def slot_names(host: str | None = None, nvml=None) -> list[str]:
 def ensure_limits(names: list[str], limit: int = SLOT_LIMIT) -> None:
     """Create each global concurrency limit that does not exist yet (an existing one is left as it is: an
     operator may have changed or deactivated it on purpose)."""
+    run = _flow_run_id()  # one look per flow run, not one before every measured stage (each is an API call)
+    missing = [n for n in names if (run, n) not in _LIMITS_FOUND]
+    if not missing:
+        return
     with get_client(sync_client=True) as client:
-        for name in names:
+        for name in missing:
             try:
                 client.read_global_concurrency_limit_by_name(name)
             except ObjectNotFound:
@@ -79,6 +83,7 @@ def ensure_limits(names: list[str], limit: int = SLOT_LIMIT) -> None:
                     client.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(name=name, limit=limit))
                 except ObjectAlreadyExists:
                     pass  # another worker created it between our read and create
+            _LIMITS_FOUND.add((run, name))
 
 
 def slot_dir() -> Path:
@@ -109,7 +114,13 @@ def _holder() -> ConcurrencyLeaseHolder | None:
     return ConcurrencyLeaseHolder(type="flow_run", id=flow.flow_run.id) if flow and flow.flow_run else None
 
 
-_REASONS_SAID: set[str] = set()
+def _flow_run_id() -> str:
+    flow = FlowRunContext.get()
+    return str(flow.flow_run.id) if flow and flow.flow_run else ""
+
+
+_REASONS_SAID: set[tuple[str, str]] = set()  # (flow run id, reason)
+_LIMITS_FOUND: set[tuple[str, str]] = set()  # (flow run id, limit name) seen on the server
 
 
 @contextmanager
@@ -129,9 +140,10 @@ def measured_slot(log: Callable[[str], None] | None = None, *, names: list[str] 
     if names is None:
         names, why_no_gpu = _host_slots(None, None)
     if log:
-        # Why there is no GPU slot does not change within a process (a flow run): say it the first time only.
-        said = why_no_gpu in _REASONS_SAID
-        _REASONS_SAID.add(why_no_gpu)
+        # Why there is no GPU slot does not change within a flow run: say it the first time only.
+        reason_key = (_flow_run_id(), why_no_gpu)
+        said = reason_key in _REASONS_SAID
+        _REASONS_SAID.add(reason_key)
         log(f"waiting for measured-stage slot(s) {', '.join(names)}"
             + (f" ({why_no_gpu})" if why_no_gpu and not said else ""))
     with ExitStack() as stack:

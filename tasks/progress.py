@@ -7,12 +7,14 @@ worker there are no listeners and only the artifacts move."""
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Callable
 from pathlib import Path
 
 from prefect.artifacts import create_progress_artifact, update_progress_artifact
 
 TRAINING_ARTIFACT_KEY = "wattflow-training-progress"
+ARTIFACT_UPDATE_EVERY_S = 5.0  # the UI's bar moves at most this often (each move is an API call); the end always
 
 # (bar, completed, total, description): bar is "train" or "variants".
 Listener = Callable[[str, float, float, str], None]
@@ -46,6 +48,7 @@ class TrainingProgress:
         self.progress_file = progress_file
         self.epochs = epochs
         self.epoch = 0
+        self.updated_at = time.monotonic()
         self.artifact_id = create_progress_artifact(
             0.0, key=TRAINING_ARTIFACT_KEY, description=f"training: 0/{epochs} epochs")
         report("train", 0, epochs, "training")
@@ -56,8 +59,10 @@ class TrainingProgress:
             return
         self.epoch = line["epoch"]
         text = f"training: epoch {self.epoch}/{self.epochs}, val accuracy {line['val_accuracy']:.4f}"
-        update_progress_artifact(self.artifact_id, 100.0 * self.epoch / self.epochs, description=text)
         report("train", self.epoch, self.epochs, text)
+        if self.epoch == self.epochs or time.monotonic() - self.updated_at >= ARTIFACT_UPDATE_EVERY_S:
+            update_progress_artifact(self.artifact_id, 100.0 * self.epoch / self.epochs, description=text)
+            self.updated_at = time.monotonic()
 
 
 def training_reused(produced_by_flow_run: str) -> None:

@@ -42,7 +42,7 @@ def mlflow_link(tracker: Tracker, experiment_id: str, run_id: str) -> str:
     return f"http://127.0.0.1:5000/{path} (after `make mlflow-ui`)"
 
 
-@task(name="previous-champion", cache_policy=NO_CACHE, tags=["measured"])
+@task(name="previous-champion", cache_policy=NO_CACHE)
 def previous_champion_row(cfg: PipelineConfig, run_dir: str) -> tuple[dict | None, str]:
     """The current `champion` version of this run's registered model, re-evaluated here beside the new variants
     (same machine, same measurement), as a summary row; (None, why) when there is none or it cannot be."""
@@ -88,6 +88,10 @@ def ship(cfg: PipelineConfig, parent_run_id: str, run_dir: str, experiment_id: s
         why = f"{why} ({previous[1]})"
     get_run_logger().info("promotion: %s", why)
     hold = None if promote else f"the aliases stay: {why} (select.promote: if-better)"
+    if cfg.tracking.log_models == "shipped":  # with "all", every stage logged its model already
+        for name in dict.fromkeys((selection.champion, selection.baseline)):
+            variant = by_variant[name]
+            tracker.log_model(variant.mlflow_run_id, variant.artifact.path, variant.artifact.format)
     # Journaled like every write: while MLflow is unreachable the registration waits for `make sync`.
     registered = tracker.register(parent_run_id, registration(selection, variants, rows, model_name,
                                                               str(flow_run.id), cards, key=str(flow_run.id),

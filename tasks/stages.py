@@ -1,10 +1,11 @@
-"""Prefect tasks around the library's stages.
+"""The pipeline's stages as Prefect tasks, one task per stage, each recorded as an MLflow child run.
 
-Each measured stage is two tasks: an outer one that owns the MLflow child run (so a failure leaves it
-FAILED) and an inner one that does the work and is cached with a persisted result, keyed by
-`wattflow.provenance` (configuration slice, input sha256, code version). A re-run after a later stage
-failed therefore reuses the trained checkpoint (the inner task ends Cached) and spends no training energy.
-Evaluation is never cached: measuring is its point.
+`TrackedStages` is what the flow hands to the library's stage loop (`wattflow.stage_loop.run_stages`): each
+method opens the stage's MLflow child run (`wattflow.tracking.record_stage`: FAILED, with the error, if the
+task fails) around one Prefect task. Training and the compression steps are cached with a persisted result,
+keyed by `wattflow.provenance` (configuration slice, input sha256, code version): a re-run after a later stage
+failed reuses the trained checkpoint (the task ends Cached) and spends no training energy. Evaluation is never
+cached: measuring is its point.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from prefect.runtime import flow_run
 
 from tasks.concurrency import measured_slot
 from tasks.multinode import train_multinode
-from tasks.progress import TrainingProgress, training_reused
+from tasks.progress import TrainingProgress, report, training_reused
 from wattflow import stages
 from wattflow.chains import PlannedStep
 from wattflow.config import PipelineConfig
@@ -37,32 +38,32 @@ def result_storage(cfg: PipelineConfig) -> str | Path:
     return Path(where).resolve()
 
 
-def run_cached(inner, cfg: PipelineConfig, *args) -> StageResult:
-    """Call `inner` with the configured cache; a cached result whose checkpoint is gone or changed is
+def run_cached(stage_task, cfg: PipelineConfig, *args) -> StageResult:
+    """Call `stage_task` with the configured cache; a cached result whose checkpoint is gone or changed is
     recomputed (refresh), so a cache hit never hands on a file it cannot vouch for."""
     options = {"result_storage": result_storage(cfg), "refresh_cache": cfg.cache.refresh}
     if not cfg.cache.enabled:
         options = {"cache_policy": NO_CACHE, "persist_result": False}
-    state = inner.with_options(**options)(cfg, *args, return_state=True)
+    state = stage_task.with_options(**options)(cfg, *args, return_state=True)
     result: StageResult = state.result()
     if not state.is_completed() or state.name != "Cached":
         return result
     art = result.artifact
     if Path(art.path).is_file() and sha256_file(art.path) == art.sha256:
-        return result.model_copy(update={"cached": True})
+        result.cached = True  # in place: Prefect links this object to the tasks it is passed to
+        return result
     get_run_logger().warning("cached %s points at %s, which is gone or changed: recomputing", result.name, art.path)
-    return inner.with_options(**{**options, "refresh_cache": True})(cfg, *args)
+    return stage_task.with_options(**{**options, "refresh_cache": True})(cfg, *args)
 
 
-def tag_cache(result: StageResult, run_dir: str) -> StageResult:
-    """A cached stage's energy figures are what producing it cost in the flow run that did the work."""
-    Tracker(journal_dir=run_dir).set_tag(result.mlflow_run_id, "wattflow.cache", "hit" if result.cached else "miss")
+def produced_here(result: StageResult) -> StageResult:
+    """Which flow run did the work (a later cache hit logs its energy as reused from that run)."""
+    result.params = {**result.params, "produced_by_flow_run": str(flow_run.id)}
     return result
 
 
-@task(name="train-model", tags=["measured"], persist_result=True, result_serializer="json",
-      cache_key_fn=lambda _, p: train_cache_key(p["cfg"]))
-def train_model(cfg: PipelineConfig, out_dir: str) -> StageResult:
+@task(name="train", persist_result=True, result_serializer="json", cache_key_fn=lambda _, p: train_cache_key(p["cfg"]))
+def train(cfg: PipelineConfig, out_dir: str) -> StageResult:
     logger = get_run_logger()
     progress = TrainingProgress(Path(out_dir) / "progress.jsonl", cfg.train.epochs)
 
@@ -71,53 +72,21 @@ def train_model(cfg: PipelineConfig, out_dir: str) -> StageResult:
         progress.poll()
 
     if cfg.train.nnodes > 1:  # the node runs hold their own measured slots on their hosts
-        result = train_multinode(cfg, cfg.train.nnodes, out_dir, rdzv_host=cfg.train.rdzv_host, log=logger.info)
-    else:
-        with measured_slot(logger.info):
-            result = stages.train_stage(cfg, Path(out_dir), make_meter(cfg.energy), log)
-    return result.model_copy(update={"params": {**result.params, "produced_by_flow_run": str(flow_run.id)}})
+        return produced_here(train_multinode(cfg, cfg.train.nnodes, out_dir, rdzv_host=cfg.train.rdzv_host,
+                                             log=logger.info))
+    with measured_slot(logger.info):
+        return produced_here(stages.train_stage(cfg, Path(out_dir), make_meter(cfg.energy), log))
 
 
-@task(name="build-variant", tags=["measured"], persist_result=True, result_serializer="json",
-      cache_key_fn=lambda _, p: step_cache_key(p["cfg"], p["planned"], p["source"].artifact.sha256),
-      task_run_name="build-{planned.name}")
-def build_variant(cfg: PipelineConfig, planned: PlannedStep, source: StageResult, out_dir: str) -> StageResult:
+@task(name="compress", persist_result=True, result_serializer="json", task_run_name="{planned.name}",
+      cache_key_fn=lambda _, p: step_cache_key(p["cfg"], p["planned"], p["source"].artifact.sha256))
+def compress(cfg: PipelineConfig, planned: PlannedStep, source: StageResult, out_dir: str) -> StageResult:
+    """One step of a chain, on the trained model or the previous step's output."""
     with measured_slot(get_run_logger().info):
-        result = stages.step_stage(cfg, planned, source, Path(out_dir), make_meter(cfg.energy))
-    return result.model_copy(update={"params": {**result.params, "produced_by_flow_run": str(flow_run.id)}})
+        return produced_here(stages.step_stage(cfg, planned, source, Path(out_dir), make_meter(cfg.energy)))
 
 
-@task(name="train", cache_policy=NO_CACHE)
-def train(cfg: PipelineConfig, parent_run_id: str, run_dir: str) -> StageResult:
-    out_dir = str(Path(run_dir) / "train")
-    result = tag_cache(record_stage(Tracker(journal_dir=run_dir), parent_run_id, "train", "train",
-                                    lambda: run_cached(train_model, cfg, out_dir), cfg.energy), run_dir)
-    if result.cached:
-        training_reused(str(result.params.get("produced_by_flow_run", "unknown")))
-    Tracker(journal_dir=run_dir).log_input(result.mlflow_run_id, workload_for(cfg).dataset_record("training"))
-    return result
-
-
-@task(name="compress", cache_policy=NO_CACHE, task_run_name="{planned.name}")
-def compress(cfg: PipelineConfig, parent_run_id: str, run_dir: str, source: StageResult | None,
-             planned: PlannedStep) -> StageResult | None:
-    """One step of a chain. Returns None, with the reason logged and tagged on the parent run, when its
-    input was skipped or its quantize backend cannot run here."""
-    if source is None:
-        return None
-    step = planned.step
-    ok, reason = step.available()
-    if not ok:
-        get_run_logger().warning("skipping %s: %s", planned.name, reason)
-        Tracker(journal_dir=run_dir).set_tag(parent_run_id, f"skipped.{planned.name}", reason)
-        return None
-    out_dir = str(Path(run_dir) / step.kind)
-    return tag_cache(record_stage(Tracker(journal_dir=run_dir), parent_run_id, planned.name, step.kind,
-                                  lambda: run_cached(build_variant, cfg, planned, source, out_dir), cfg.energy),
-                     run_dir)
-
-
-@task(name="evaluate", cache_policy=NO_CACHE, tags=["measured"], task_run_name="evaluate-{variant.name}")
+@task(name="evaluate", cache_policy=NO_CACHE, task_run_name="evaluate-{variant.name}")
 def evaluate(cfg: PipelineConfig, run_dir: str, variant: StageResult) -> VariantFigures:
     """Accuracy, sizes and the deployable of one variant; latency and energy come from `measure`."""
     with measured_slot(get_run_logger().info):
@@ -125,7 +94,7 @@ def evaluate(cfg: PipelineConfig, run_dir: str, variant: StageResult) -> Variant
                                        measure=False)
 
 
-@task(name="measure", cache_policy=NO_CACHE, tags=["measured"])
+@task(name="measure", cache_policy=NO_CACHE)
 def measure(cfg: PipelineConfig, run_dir: str, variants: list[StageResult],
             figures: list[VariantFigures]) -> list[VariantFigures]:
     """Latency and energy of every variant, round-robin across them in eval.rounds rounds (one slot held
@@ -136,3 +105,42 @@ def measure(cfg: PipelineConfig, run_dir: str, variants: list[StageResult],
     for variant, f in zip(variants, complete, strict=True):
         record_evaluation(tracker, variant.mlflow_run_id, f)
     return complete
+
+
+class TrackedStages:
+    """The stage loop's stages for the flow: Prefect tasks, each inside its MLflow child run of `parent_run_id`.
+    Models are logged to MLflow here only with `tracking.log_models: all`; by default only what ships is."""
+
+    def __init__(self, cfg: PipelineConfig, parent_run_id: str, run_dir: str):
+        self.cfg, self.parent, self.run_dir = cfg, parent_run_id, run_dir
+        self.tracker = Tracker(journal_dir=run_dir)
+        self.log_models = cfg.tracking.log_models == "all"
+
+    def _record(self, name: str, kind: str, work) -> StageResult:
+        return record_stage(self.tracker, self.parent, name, kind, work, self.cfg.energy, log_model=self.log_models)
+
+    def train(self) -> StageResult:
+        out_dir = str(Path(self.run_dir) / "train")
+        result = self._record("train", "train", lambda: run_cached(train, self.cfg, out_dir))
+        if result.cached:
+            training_reused(str(result.params.get("produced_by_flow_run", "unknown")))
+        self.tracker.log_input(result.mlflow_run_id, workload_for(self.cfg).dataset_record("training"))
+        return result
+
+    def step(self, planned: PlannedStep, source: StageResult) -> StageResult:
+        out_dir = str(Path(self.run_dir) / planned.step.kind)
+        return self._record(planned.name, planned.step.kind, lambda: run_cached(compress, self.cfg, planned, source,
+                                                                                out_dir))
+
+    def skip(self, planned: PlannedStep, reason: str) -> None:
+        get_run_logger().warning("skipping %s: %s", planned.name, reason)
+        self.tracker.set_tag(self.parent, f"skipped.{planned.name}", reason)
+
+    def evaluate(self, variant: StageResult) -> VariantFigures:
+        return evaluate(self.cfg, self.run_dir, variant)
+
+    def measure(self, variants: list[StageResult], figures: list[VariantFigures]) -> list[VariantFigures]:
+        return measure(self.cfg, self.run_dir, variants, figures)
+
+    def progress(self, done: int, total: int, text: str) -> None:
+        report("variants", done, total, text)

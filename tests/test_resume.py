@@ -12,7 +12,6 @@ import pytest
 from mlflow.tracking import MlflowClient
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
-from test_pipeline_integration import mlflow_uri, prefect_server  # noqa: F401 (fixtures)
 
 import wattflow.stages
 from flows.pipeline import pipeline
@@ -62,13 +61,13 @@ def flow_run_id(uri: str, result: dict) -> str:
 
 def cached_names(flow_run: str) -> list[str]:
     states = asyncio.run(task_states(flow_run))
-    # train-model runs get Prefect's generated suffix; build runs are named after their variant
-    return sorted("train-model" if name.startswith("train-model") else name
+    # train runs get Prefect's generated suffix; step runs are named after their variant
+    return sorted("train" if name.startswith("train-") else name
                   for name, state in states.items() if state == "Cached")
 
 
 def test_a_rerun_after_a_failed_later_stage_reuses_the_trained_checkpoint(
-        prefect_server, mlflow_uri, tmp_path, monkeypatch, launches):  # noqa: F811
+        prefect_server, mlflow_uri, tmp_path, monkeypatch, launches):
     cfg = quick_config(tmp_path)
     real_step = wattflow.stages.step_stage
 
@@ -96,7 +95,7 @@ def test_a_rerun_after_a_failed_later_stage_reuses_the_trained_checkpoint(
     monkeypatch.setattr(wattflow.stages, "step_stage", real_step)
     result = pipeline(cfg)
     assert len(launches) == 1, "the second run trained again"
-    assert cached_names(flow_run_id(mlflow_uri, result)) == ["train-model"]
+    assert cached_names(flow_run_id(mlflow_uri, result)) == ["train"]
     client = MlflowClient(mlflow_uri)
     runs = {r.info.run_name: r for r in client.search_runs(
         [client.get_run(result["mlflow_run_id"]).info.experiment_id],
@@ -116,7 +115,7 @@ def test_a_rerun_after_a_failed_later_stage_reuses_the_trained_checkpoint(
     # Same configuration again: every stage before evaluation is reused.
     again = pipeline(cfg)
     assert len(launches) == 1
-    assert cached_names(flow_run_id(mlflow_uri, again)) == ["build-prune-0.5", "train-model"]
+    assert cached_names(flow_run_id(mlflow_uri, again)) == ["prune-0.5", "train"]
 
     # A cached checkpoint that is gone can't be vouched for: it is trained again.
     for checkpoint in (tmp_path / "artifacts").rglob("train/model.pt"):

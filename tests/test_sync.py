@@ -25,7 +25,16 @@ from wattflow.select import select_champion
 from wattflow.stages import Artifact, StageResult, VariantFigures
 from wattflow.sync import main as sync_main
 from wattflow.sync import sync
-from wattflow.tracking import JOURNAL_NAME, OFFLINE_PREFIX, STAGE_TAG, Journal, Tracker, record_evaluation, record_stage
+from wattflow.tracking import (
+    JOURNAL_NAME,
+    OFFLINE_PREFIX,
+    STAGE_TAG,
+    Journal,
+    Tracker,
+    log_energy,
+    record_evaluation,
+    record_stage,
+)
 
 MLFLOW = str(Path(sys.executable).with_name("mlflow"))
 
@@ -101,7 +110,7 @@ def test_writes_during_an_outage_are_synced_once_into_the_right_runs(tmp_path, c
             later = Tracker(uri, journal_dir=run_dir)  # a task's own tracker: offline too, once detected
             record_evaluation(later, train.mlflow_run_id, VariantFigures(scores={"accuracy": 0.91}, energy_method="x"))
             pruned = record_stage(later, parent, "prune-0.5", "prune", lambda: stage("prune-0.5", checkpoint, 1.0),
-                                  energy_cfg)
+                                  energy_cfg, log_model=True)
             with pytest.raises(RuntimeError, match="quantizer crashed"):
                 record_stage(later, parent, "bf16", "quantize", failing_stage, energy_cfg)
             # the registry write of `ship`, lost to the outage: journaled, registered by sync
@@ -109,7 +118,8 @@ def test_writes_during_an_outage_are_synced_once_into_the_right_runs(tmp_path, c
             payload = registration(select_champion(rows), [pruned], rows, "sync-model", "flow-1",
                                    {"champion": "# sync-model v{version}"}, key="flow-1")
             assert later.register(parent, payload) is None
-            tracker.log_energy(parent, EnergyResult("pipeline", 3.0, (DeviceEnergy("cpu", 9.0, "estimated:cpu-time"),)))
+            pipeline_energy = EnergyResult("pipeline", 3.0, (DeviceEnergy("cpu", 9.0, "estimated:cpu-time"),))
+            log_energy(tracker, parent, pipeline_energy, energy_cfg)
             tracker.end_run(parent, ok=True)
         assert tracker.offline and later.offline and pruned.mlflow_run_id.startswith(OFFLINE_PREFIX)
         warnings = [r.getMessage() for r in caplog.records if "unreachable" in r.getMessage()]

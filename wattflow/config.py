@@ -286,6 +286,15 @@ class CacheConfig(_Section):
         "<work_dir>/cache.")
 
 
+class TrackingConfig(_Section):
+    """What goes to MLflow beyond the contract's params, metrics, tags and energy records."""
+
+    log_models: Literal["shipped", "all"] = Field(
+        "shipped", description="Which variants are logged as MLflow models (each a pyfunc, ~1 s or more): "
+        "shipped = the registered champion and baseline; all = every variant. Every variant keeps its deployable "
+        "file as a plain artifact on its run either way.")
+
+
 # What the champion minimises among the variants within the accuracy budget.
 Objective = Literal["energy_per_1k_inferences_j", "deployable_bytes", "latency_b1_ms", "latency_b256_ms"]
 
@@ -341,6 +350,7 @@ class PipelineConfig(_Section):
     energy: EnergyConfig = Field(EnergyConfig(), description="How energy is measured and turned into CO2e.")
     cache: CacheConfig = Field(CacheConfig(), description="Reuse of unchanged stages across flow runs.")
     select: SelectConfig = Field(SelectConfig(), description="How the champion is chosen and registered.")
+    tracking: TrackingConfig = Field(TrackingConfig(), description="What is logged to MLflow beyond the contract.")
 
 
 class ConfigError(ValueError):

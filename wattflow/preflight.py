@@ -109,6 +109,12 @@ def check_mlflow(tracking_uri: str, timeout_s: float = 3.0) -> None:
     # Other schemes (databricks, ...) authenticate in their own ways: their client reports their errors.
 
 
+def bound_mlflow_retries(retries: int = 2) -> None:
+    """MLflow's default (7 retries, exponential back-off) blocks a client for minutes on a dead server: the flow
+    and `wattflow.sync` use `retries` unless MLFLOW_HTTP_REQUEST_MAX_RETRIES is set (the Makefile sets it)."""
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", str(retries))
+
+
 def preflight(tracking_uri: str, prefect_api_url: str | None, timeout_s: float = 3.0) -> None:
     """Raise ServiceUnreachable within about `timeout_s` per service when the MLflow store or (when set)
     the Prefect API cannot be used."""

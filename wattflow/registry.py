@@ -3,9 +3,10 @@
     versions = register_variants(tracker, selection, variants, rows, "wattflow-digits", flow_run_id)
     predict = load_alias("wattflow-digits", "champion")   # float32 [N, 64] -> logits [N, 10]
 
-Each variant's model was logged on its own child run by `Tracker.log_model` (artifact name "model"). In
-MLflow 3 that creates a LoggedModel, and the version is registered from its `models:/<model_id>` URI with
-`run_id` set, so the version links back to the child run (and through it to the flow's parent run).
+The champion's and the baseline's models are logged on their own child runs by `Tracker.log_model` (artifact
+name "model"). In MLflow 3 that creates a LoggedModel, and the version is registered from its
+`models:/<model_id>` URI with `run_id` set, so the version links back to the child run (and through it to the
+flow's parent run).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from mlflow.tracking import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_MODEL_VERSIONS
 
 from wattflow.select import Selection
+from wattflow.tracking.exports import using_tracking_uri
 
 if TYPE_CHECKING:  # the stages pull in every backend; the registry only reads names, runs and hashes
     from wattflow.stages import StageResult
@@ -54,8 +56,8 @@ def logged_model_id(client: MlflowClient, run_id: str) -> str:
         filter_string=f"source_run_id = '{run_id}' AND name = '{MODEL_ARTIFACT}'",
         order_by=[{"field_name": "creation_timestamp", "ascending": False}])
     if not models:
-        raise RegistryError(f"run {run_id} has no logged model named {MODEL_ARTIFACT!r}: was the stage recorded "
-                            "with log_model=True (wattflow.tracking.record_stage)?")
+        raise RegistryError(f"run {run_id} has no logged model named {MODEL_ARTIFACT!r}: log it first "
+                            "(Tracker.log_model; the flow's ship task logs the champion and the baseline)")
     return models[0].model_id  # the latest, should a retried stage have logged twice
 
 
@@ -99,6 +101,11 @@ def apply_registration(client: MlflowClient, payload: dict) -> dict:
     """Register each entry's logged model as a version (once per key: a replay reuses the versions it finds),
     then move the aliases unless the champion's inputs differ from the current champion's. Returns
     {"aliases": {alias: version}, "versions": {variant: version}, "refused": reason or None}."""
+    with using_tracking_uri(client.tracking_uri):  # MLflow resolves a version's models:/ source through it
+        return _apply_registration(client, payload)
+
+
+def _apply_registration(client: MlflowClient, payload: dict) -> dict:
     model_name, key = payload["model_name"], payload["key"]
     _ensure_registered_model(client, model_name)
     versions: dict[str, str] = {}
@@ -141,7 +148,8 @@ def input_schema(client: MlflowClient, model_name: str, version: str) -> dict | 
     """The input part of a version's MLflow signature (None when it has none)."""
     from mlflow.models import get_model_info
 
-    info = get_model_info(client.get_model_version(model_name, version).source)
+    with using_tracking_uri(client.tracking_uri):  # a models:/ source resolves through the process-wide URI
+        info = get_model_info(client.get_model_version(model_name, version).source)
     return None if info.signature is None else info.signature.inputs.to_dict()
 
 
@@ -187,9 +195,8 @@ Predict = Callable[[np.ndarray], np.ndarray]
 def load_alias(model_name: str, alias: str, tracking_uri: str | None = None) -> Predict:
     """A predictor for the version behind `alias`: float32 [N, in_features] -> logits float32 [N, classes],
     through MLflow's pyfunc (torch 'pt2' or ONNX Runtime, whichever flavour the variant was logged with)."""
-    if tracking_uri is not None:
-        mlflow.set_tracking_uri(tracking_uri)  # pyfunc resolves models:/ URIs through the global registry URI
-    model = mlflow.pyfunc.load_model(f"models:/{model_name}@{alias}")
+    with using_tracking_uri(tracking_uri or mlflow.get_tracking_uri()):  # pyfunc resolves models:/ through it
+        model = mlflow.pyfunc.load_model(f"models:/{model_name}@{alias}")
 
     def predict(x: np.ndarray) -> np.ndarray:
         out = model.predict(np.ascontiguousarray(x, dtype=np.float32))

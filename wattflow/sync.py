@@ -20,7 +20,7 @@ from typing import Any
 
 import mlflow
 
-from wattflow.preflight import ServiceUnreachable, check_mlflow, mask_secrets
+from wattflow.preflight import ServiceUnreachable, bound_mlflow_retries, check_mlflow, mask_secrets
 from wattflow.tracking import JOURNAL_NAME, OFFLINE_EXPERIMENT_PREFIX, OFFLINE_PREFIX, RUN_KEY_TAG, Journal, Tracker
 
 
@@ -140,6 +140,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("run_dir", type=Path, help="the flow run's directory (holds mlflow-journal.jsonl)")
     parser.add_argument("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI)")
     args = parser.parse_args(argv)
+    bound_mlflow_retries()
     try:
         report = sync(args.run_dir, args.tracking_uri)
     except (ServiceUnreachable, FileNotFoundError, SyncError) as err:
