@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import copy
+import json
+
 import torch
 from torch import nn
 
@@ -27,8 +30,17 @@ def fit(model: nn.Module, steps: int = 400, lr: float = 3e-3, seed: int | None =
     return model.eval()
 
 
+_TRAINED: dict[str, dict] = {}  # one training per (spec, steps, seed) per test session
+
+
 def train_briefly(kind_or_spec: str | dict, steps: int = 400, seed: int = 0) -> nn.Module:
-    """A freshly initialised model (seeded) after a few hundred steps: > 0.9 test accuracy on digits."""
+    """A freshly initialised model (seeded) after a few hundred steps: > 0.9 test accuracy on digits. Trained
+    once per session for each (spec, steps, seed); every call returns its own copy."""
     spec = default_spec(kind_or_spec) if isinstance(kind_or_spec, str) else kind_or_spec
-    torch.manual_seed(seed)  # one stream for the initial weights and then the batches
-    return fit(build_model(spec), steps, seed=None)
+    key = json.dumps([spec, steps, seed], sort_keys=True)
+    if key not in _TRAINED:
+        torch.manual_seed(seed)  # one stream for the initial weights and then the batches
+        _TRAINED[key] = fit(build_model(spec), steps, seed=None).state_dict()
+    model = build_model(spec)
+    model.load_state_dict(copy.deepcopy(_TRAINED[key]))
+    return model.eval()

@@ -17,7 +17,7 @@ from prefect.client.orchestration import get_client
 from prefect.settings import PREFECT_API_URL, temporary_settings
 from prefect.utilities.callables import parameter_schema
 from prefect.utilities.schema_tools import validate
-from servers import PROJECT, deployed_stack, prefect_cli, process_worker, tail
+from servers import PROJECT, prefect_cli, process_worker, tail
 
 from flows.multinode import train_node
 from flows.pipeline import pipeline
@@ -76,45 +76,45 @@ def wait_final(api_url: str, flow_run_id: uuid.UUID, timeout_s: float, worker_lo
 
 
 @pytest.mark.integration
-def test_deploy_run_on_demand_on_a_worker_and_read_mlflow(tmp_path_factory):
-    root = tmp_path_factory.mktemp("stack")
-    with deployed_stack(root, pool="test-gpu") as stack:
-        with temporary_settings({PREFECT_API_URL: stack.prefect.api_url}):
-            found = asyncio.run(read_deployments(stack.pool))
-        assert set(found) == {"nightly", "on-demand", "train-node"}  # all on the pool named by WATTFLOW_POOL
-        nightly = found["nightly"]
-        assert [s.schedule.cron for s in nightly.schedules] == ["0 2 * * *"]
-        assert nightly.schedules[0].schedule.timezone == "UTC" and nightly.schedules[0].active
-        assert nightly.global_concurrency_limit.limit == 1
-        assert nightly.concurrency_options.collision_strategy.value == "CANCEL_NEW"
-        assert found["on-demand"].schedules == []
-        listed = prefect_cli(["deployment", "schedule", "ls", "wattflow-pipeline/nightly"], stack.prefect.env)
-        assert "0 2 * * *" in listed
+def test_deploy_run_on_demand_on_a_worker_and_read_mlflow(stack, tmp_path_factory):
+    """On the session's stack (conftest.py): servers, pool and deployments made by the `make deploy` commands."""
+    root = tmp_path_factory.mktemp("on-demand")
+    with temporary_settings({PREFECT_API_URL: stack.prefect.api_url}):
+        found = asyncio.run(read_deployments(stack.pool))
+    assert set(found) == {"nightly", "on-demand", "train-node"}  # all on the pool named by WATTFLOW_POOL
+    nightly = found["nightly"]
+    assert [s.schedule.cron for s in nightly.schedules] == ["0 2 * * *"]
+    assert nightly.schedules[0].schedule.timezone == "UTC" and nightly.schedules[0].active
+    assert nightly.global_concurrency_limit.limit == 1
+    assert nightly.concurrency_options.collision_strategy.value == "CANCEL_NEW"
+    assert found["on-demand"].schedules == []
+    listed = prefect_cli(["deployment", "schedule", "ls", "wattflow-pipeline/nightly"], stack.prefect.env)
+    assert "0 2 * * *" in listed
 
-        worker_log = root / "worker.log"
-        with process_worker(stack.worker_env, stack.pool, worker_log):
-            out = prefect_cli(["deployment", "run", "wattflow-pipeline/on-demand", "--params",
-                               json.dumps(tiny_parameters(root / "artifacts"))], stack.prefect.env)
-            flow_run_id = uuid.UUID(re.search(r"UUID: ([0-9a-f-]{36})", out)[1])
-            run = wait_final(stack.prefect.api_url, flow_run_id, 240, worker_log)
-        assert run.state.is_completed(), f"{run.state}\n{tail(worker_log)}"
+    worker_log = root / "worker.log"
+    with process_worker(stack.worker_env, stack.pool, worker_log):
+        out = prefect_cli(["deployment", "run", "wattflow-pipeline/on-demand", "--params",
+                           json.dumps(tiny_parameters(root / "artifacts"))], stack.prefect.env)
+        flow_run_id = uuid.UUID(re.search(r"UUID: ([0-9a-f-]{36})", out)[1])
+        run = wait_final(stack.prefect.api_url, flow_run_id, 240, worker_log)
+    assert run.state.is_completed(), f"{run.state}\n{tail(worker_log)}"
 
-        client = MlflowClient(stack.mlflow_uri)
-        parents = client.search_runs(
-            [e.experiment_id for e in client.search_experiments()],
-            filter_string=f"tags.`prefect.flow_run_id` = '{flow_run_id}'")
-        (parent,) = parents
-        assert parent.info.status == "FINISHED" and parent.data.tags["wattflow.stage"] == "pipeline"
-        assert parent.data.metrics["energy_j"] > 0
-        children = client.search_runs([parent.info.experiment_id],
-                                      filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
-        assert {c.info.run_name for c in children} == {"train", "int8-weights"}
-        for child in children:
-            m = child.data.metrics
-            assert child.info.status == "FINISHED", child.info.run_name
-            assert 0 < m["accuracy"] <= 1 and m["size_bytes"] > 0 and m["energy_j"] > 0
-            assert child.data.tags["energy.method"] in {"estimated:cpu-time", "measured:rapl"} or (
-                "measured:nvml" in child.data.tags["energy.method"])
-        # Artifacts went through the MLflow server's proxy into its --artifacts-destination.
-        assert parent.info.artifact_uri.startswith("mlflow-artifacts:")
-        assert any((root / "mlflow" / "mlartifacts").rglob("*.json"))
+    client = MlflowClient(stack.mlflow_uri)
+    parents = client.search_runs(
+        [e.experiment_id for e in client.search_experiments()],
+        filter_string=f"tags.`prefect.flow_run_id` = '{flow_run_id}'")
+    (parent,) = parents
+    assert parent.info.status == "FINISHED" and parent.data.tags["wattflow.stage"] == "pipeline"
+    assert parent.data.metrics["energy_j"] > 0
+    children = client.search_runs([parent.info.experiment_id],
+                                  filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
+    assert {c.info.run_name for c in children} == {"train", "int8-weights"}
+    for child in children:
+        m = child.data.metrics
+        assert child.info.status == "FINISHED", child.info.run_name
+        assert 0 < m["accuracy"] <= 1 and m["size_bytes"] > 0 and m["energy_j"] > 0
+        assert child.data.tags["energy.method"] in {"estimated:cpu-time", "measured:rapl"} or (
+            "measured:nvml" in child.data.tags["energy.method"])
+    # Artifacts went through the MLflow server's proxy into its --artifacts-destination.
+    assert parent.info.artifact_uri.startswith("mlflow-artifacts:")
+    assert any((stack.root / "mlflow" / "mlartifacts").rglob("*.json"))

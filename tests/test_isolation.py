@@ -8,7 +8,6 @@ from pathlib import Path
 
 import pytest
 from mlflow.tracking import MlflowClient
-from test_pipeline_integration import mlflow_uri, prefect_server  # noqa: F401 (fixtures)
 from test_resume import quick_config
 
 from flows.pipeline import pipeline
@@ -17,7 +16,7 @@ from wattflow.models import sha256_file
 pytestmark = pytest.mark.integration
 
 
-def test_two_concurrent_flow_runs_never_share_files_or_runs(prefect_server, mlflow_uri, tmp_path):  # noqa: F811
+def test_two_concurrent_flow_runs_never_share_files_or_runs(prefect_server, mlflow_uri, tmp_path):
     # Different seeds: two different checkpoints, so that an overwrite could not go unnoticed.
     configs = [quick_config(tmp_path).model_copy(update={"train": quick_config(tmp_path).train.model_copy(
         update={"seed": seed})}) for seed in (1, 2)]

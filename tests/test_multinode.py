@@ -9,7 +9,7 @@ import threading
 
 import pytest
 from prefect.settings import PREFECT_API_URL, temporary_settings
-from servers import deployed_stack, process_worker, tail
+from servers import process_worker, tail
 
 from tasks.concurrency import measured_slot, slot_names
 from tasks.multinode import node_energy, stage_result, train_multinode
@@ -92,22 +92,22 @@ def holds_one_at_a_time(names: list[str]) -> list[str]:
 
 
 @pytest.mark.integration
-def test_two_workers_two_nodes_one_process_group(tmp_path_factory):
+def test_two_workers_two_nodes_one_process_group(stack, tmp_path_factory):
+    """On the session's stack (conftest.py); the train-node deployment is on its pool."""
     root = tmp_path_factory.mktemp("multinode")
     out_dir = root / "shared"
-    with deployed_stack(root, pool="test-nodes", names=["train-node"]) as stack:
-        # limit 1: each worker takes one node run, so the two nodes really run under two workers
-        with process_worker(stack.worker_env, stack.pool, root / "worker-a.log", "worker-a", limit=1), \
-                process_worker(stack.worker_env, stack.pool, root / "worker-b.log", "worker-b", limit=1), \
-                temporary_settings({PREFECT_API_URL: stack.prefect.api_url}):
-            try:
-                result = train_multinode(tiny_config(root / "artifacts"), 2, out_dir, rdzv_host="127.0.0.1",
-                                         poll_s=1.0)
-            except Exception as e:
-                raise AssertionError(f"{e}\nworker a:\n{tail(root / 'worker-a.log')}\n"
-                                     f"worker b:\n{tail(root / 'worker-b.log')}") from e
-            # measured_slot against the real server: created on first use, limit 1, one holder at a time
-            assert holds_one_at_a_time(["gpu:test-host:0"]) == ["first-in", "released", "first-out", "second-in"]
+    # limit 1: each worker takes one node run, so the two nodes really run under two workers
+    with process_worker(stack.worker_env, stack.pool, root / "worker-a.log", "worker-a", limit=1), \
+            process_worker(stack.worker_env, stack.pool, root / "worker-b.log", "worker-b", limit=1), \
+            temporary_settings({PREFECT_API_URL: stack.prefect.api_url}):
+        try:
+            result = train_multinode(tiny_config(root / "artifacts"), 2, out_dir, rdzv_host="127.0.0.1",
+                                     poll_s=1.0)
+        except Exception as e:
+            raise AssertionError(f"{e}\nworker a:\n{tail(root / 'worker-a.log')}\n"
+                                 f"worker b:\n{tail(root / 'worker-b.log')}") from e
+        # measured_slot against the real server: created on first use, limit 1, one holder at a time
+        assert holds_one_at_a_time(["gpu:test-host:0"]) == ["first-in", "released", "first-out", "second-in"]
 
     records = [json.loads((out_dir / f"node-{i}.json").read_text()) for i in (0, 1)]
     assert [r["train"]["world_size"] for r in records] == [2, 2]   # both nodes joined one process group
