@@ -36,6 +36,8 @@ def bound_violations(spec: dict, default: Any) -> list[tuple[Any, str]]:
     is_int = spec.get("type") == "integer"
     step = 1 if is_int else 1.0
     out = []
+    if "enum" in spec:  # a string outside the allowed values: the message lists them
+        out.append(("not-one-of-them", f"'{spec['enum'][0]}'"))
     if "minimum" in spec:
         out.append((spec["minimum"] - step, f"greater than or equal to {number(spec['minimum'])}"))
     if "exclusiveMinimum" in spec:
