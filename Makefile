@@ -88,7 +88,7 @@ example-data: $(EXAMPLE_IMAGES)
 run-flow: setup state $(if $(and $(CONFIG),$(shell grep -l '$(EXAMPLE_IMAGES)' $(CONFIG) 2>/dev/null)),$(EXAMPLE_IMAGES))
 	@echo "MLflow store: $$MLFLOW_TRACKING_URI"
 	@echo "Prefect: $${PREFECT_API_URL:-local server, state in $$PREFECT_HOME}"
-	$(PY) -m flows.pipeline $(if $(CONFIG),--config "$(CONFIG)")
+	$(PY) -m flows $(if $(CONFIG),--config "$(CONFIG)")
 
 test: setup state
 	$(PY) -m pytest

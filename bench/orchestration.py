@@ -6,9 +6,10 @@ and once against a running Prefect server (as with `make server`); median over r
 ratio. Targets: <= 1.10; fixed overhead (imports, interpreter exit, server start) <= 8 s; orchestration beyond
 imports and server start <= 2 s. The parts that are Prefect's and MLflow's own are also measured alone.
 
-The flow side runs `python -m bench.orchestration --flow <yaml> <json>`, which installs timers around
-Prefect's ephemeral server start, every MlflowClient call, Tracker.log_model and the stage functions,
-then calls `flows.pipeline.main` unchanged: that gives the breakdown (a wrapper costs microseconds).
+The flow side runs `python -m bench.orchestration --flow <yaml> <json>`, which does what `python -m flows`
+(`make run-flow`) does — the temporary server starts while the modules import — with timers around the wait for
+that server, every MlflowClient call, Tracker.log_model and the stage functions, then calls `flows.pipeline.main`
+unchanged: that gives the breakdown (a wrapper costs microseconds).
 """
 
 from __future__ import annotations
@@ -87,21 +88,30 @@ def run_bare(config: str, out: Path) -> None:
 
 
 def run_flow(config: str, out: Path) -> None:
+    """What `make run-flow` runs (`python -m flows`: the temporary server starts while the modules import), with
+    timers around the wait for that server, every MlflowClient call, Tracker.log_model and the stage functions."""
+    from flows.temporary_server import start_in_background
+
+    server_ready = start_in_background()
     from mlflow.tracking import MlflowClient
-    from prefect.server.api.server import SubprocessASGIServer
 
     from flows import pipeline
     from wattflow.tracking import Tracker
 
-    SubprocessASGIServer.start = timed("server_start", SubprocessASGIServer.start)
     for name in ("create_run", "log_batch", "log_dict", "log_artifact", "set_terminated", "get_run",
                  "get_experiment_by_name", "create_experiment", "log_inputs"):
         setattr(MlflowClient, name, timed("mlflow_logging", getattr(MlflowClient, name)))
     Tracker.__init__ = timed("mlflow_logging", Tracker.__init__)
+    import prefect.concurrency._sync as prefect_slots  # the measured-stage slots' Prefect limits (a running server)
+
+    prefect_slots.acquire_concurrency_slots_with_lease = timed(
+        "slot_acquire", prefect_slots.acquire_concurrency_slots_with_lease)
     Tracker.log_model = timed("model_logging", Tracker.log_model)
     time_stages()
     flow_started = time.perf_counter()
-    code = pipeline.main(["--config", config, "--json-out", str(out.with_suffix(".rows.json"))])
+    code = pipeline.main(["--config", config, "--json-out", str(out.with_suffix(".rows.json"))],
+                         server_ready=timed("server_start", server_ready))
+    server_ready(raise_error=False)
     out.write_text(json.dumps({**TIMES, "flow_call_s": time.perf_counter() - flow_started,
                                "imports_s": flow_started - STARTED,
                                "in_process_s": time.perf_counter() - STARTED}))
@@ -213,6 +223,7 @@ def breakdown_of(f: dict, b: dict) -> dict:
         "start_exit_s": (f["wall_s"] - f["in_process_s"]) - (b["wall_s"] - b["in_process_s"]),
         "server_start_s": f.get("server_start", 0.0),
         "mlflow_logging_s": f.get("mlflow_logging", 0.0), "model_logging_s": f.get("model_logging", 0.0),
+        "slot_acquire_s": f.get("slot_acquire", 0.0),
         "stage_work_difference_s": f["stage_work"] - b["stage_work"],
     }
     parts["task_orchestration_rest_s"] = f["wall_s"] - b["wall_s"] - sum(parts.values())
@@ -272,11 +283,14 @@ def run(quick: bool, results: Path) -> list[dict]:
         "isolated_parts_s": isolated,
         "breakdown_method": "medians over runs, flow minus bare. imports: module import to work start (Prefect, "
                             "MLflow, flow module); start_exit: subprocess wall - time inside the module (interpreter "
-                            "start, server shutdown at exit); server_start: SubprocessASGIServer.start (0 against a "
-                            "running server); mlflow_logging: every MlflowClient call and Tracker construction "
+                            "start, server shutdown at exit); server_start: the wait for Prefect's temporary server "
+                            "once the modules are imported (it starts while they import; 0 against a running "
+                            "server); mlflow_logging: every MlflowClient call and Tracker construction "
                             "outside log_model; model_logging: Tracker.log_model (the shipped champion and "
-                            "baseline); stage_work_difference: the library's stage functions' time in the flow minus "
-                            "in the bare run (contention with the server process, noise); task_orchestration_rest: "
+                            "baseline); slot_acquire: acquiring the measured-stage slots' Prefect global concurrency "
+                            "limits (only with a running server); stage_work_difference: the library's stage "
+                            "functions' time in the flow minus in the bare run (contention with the server process, "
+                            "noise); task_orchestration_rest: "
                             "the remainder (task and flow run state tracking, artifacts, logging, result table). "
                             "isolated_parts_s: Prefect's and MLflow's own costs measured alone (see isolated_parts).",
         "runs": runs,

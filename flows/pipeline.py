@@ -1,6 +1,7 @@
 """The wattflow pipeline: train with DDP, prune, quantize, evaluate every variant, report.
 
-    python -m flows.pipeline [--config recipe.yaml]     (what `make run-flow` runs)
+    python -m flows [--config recipe.yaml]     (what `make run-flow` runs: this module's main, with Prefect's
+                                               temporary server starting while it imports; flows/__main__.py)
 
 The stages are the library's stage loop (`wattflow.stage_loop`), each a Prefect task inside its MLflow child
 run (`tasks.stages.TrackedStages`). Measured stages run one at a time: energy counters (NVML, RAPL, process CPU
@@ -13,12 +14,14 @@ import argparse
 import json
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import mlflow
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_table_artifact
 from prefect.runtime import flow_run
+from prefect.utilities.annotations import quote
 from rich.console import Console
 
 from flows.terminal import progress_bars
@@ -69,17 +72,20 @@ def pipeline(config: PipelineConfig = PipelineConfig()) -> dict:  # noqa: B008 (
         record_ratios(tracker, variants, rows)
         create_table_artifact(table=rows, key="wattflow-variants",
                               description=f"wattflow variants — MLflow parent run `{parent}`")
-        selection = select(config, rows, figures)
-        previous = previous_champion_row(config, run_dir)
-        aliases, registry_note = ship(config, parent, run_dir, experiment_id, selection, variants, rows,
-                                      total.to_dict(), previous)
+        # quote(): not another task's result, so Prefect's graph does not link through it (tasks/stages.py)
+        selection = select(quote(config), quote(rows), figures)
+        previous = previous_champion_row(quote(config), quote(run_dir))
+        aliases, registry_note = ship(quote(config), quote(parent), quote(run_dir), quote(experiment_id), selection,
+                                      variants, quote(rows), quote(total.to_dict()), previous)
     return {"mlflow_run_id": parent, "rows": rows, "champion": selection.champion, "reason": selection.reason,
             "registered": aliases, "registry_note": registry_note, "run_dir": run_dir,
             "sync_command": tracker.sync_command() if tracker.offline
             else None}
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, server_ready: Callable[[], None] = lambda: None) -> int:
+    """The command line. `server_ready`: waits for a temporary Prefect server started earlier
+    (`flows.temporary_server`, as `python -m flows` does)."""
     parser = argparse.ArgumentParser(description="Run the wattflow pipeline once, here.")
     parser.add_argument("--config", default=os.environ.get("CONFIG") or None, help="YAML recipe")
     parser.add_argument("--json-out", type=Path, help="also write the summary rows here as JSON")
@@ -93,6 +99,7 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, DataError, WorkloadError, DeviceUnavailableError, ServiceUnreachable) as err:
         console.print(f"[red]{err}[/red]", highlight=False)
         return 2
+    server_ready()
     with progress_bars(console):
         result = pipeline(config)
     if args.json_out:

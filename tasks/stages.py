@@ -1,5 +1,9 @@
 """The pipeline's stages as Prefect tasks, one task per stage, each recorded as an MLflow child run.
 
+Task arguments that are not another task's result go in `quote(...)`: Prefect links a task to earlier ones by
+the identity of what it is passed, looking inside every argument, and strings or dicts inside a configuration
+would otherwise link it to unrelated tasks (a recycled object id) in the Prefect UI's graph.
+
 `TrackedStages` is what the flow hands to the library's stage loop (`wattflow.stage_loop.run_stages`): each
 method opens the stage's MLflow child run (`wattflow.tracking.record_stage`: FAILED, with the error, if the
 task fails) around one Prefect task. Training and the compression steps are cached with a persisted result,
@@ -15,6 +19,7 @@ from pathlib import Path
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 from prefect.runtime import flow_run
+from prefect.utilities.annotations import quote
 
 from tasks.concurrency import measured_slot
 from tasks.multinode import train_multinode
@@ -44,7 +49,7 @@ def run_cached(stage_task, cfg: PipelineConfig, *args) -> StageResult:
     options = {"result_storage": result_storage(cfg), "refresh_cache": cfg.cache.refresh}
     if not cfg.cache.enabled:
         options = {"cache_policy": NO_CACHE, "persist_result": False}
-    state = stage_task.with_options(**options)(cfg, *args, return_state=True)
+    state = stage_task.with_options(**options)(quote(cfg), *args, return_state=True)
     result: StageResult = state.result()
     if not state.is_completed() or state.name != "Cached":
         return result
@@ -53,7 +58,7 @@ def run_cached(stage_task, cfg: PipelineConfig, *args) -> StageResult:
         result.cached = True  # in place: Prefect links this object to the tasks it is passed to
         return result
     get_run_logger().warning("cached %s points at %s, which is gone or changed: recomputing", result.name, art.path)
-    return stage_task.with_options(**{**options, "refresh_cache": True})(cfg, *args)
+    return stage_task.with_options(**{**options, "refresh_cache": True})(quote(cfg), *args)
 
 
 def produced_here(result: StageResult) -> StageResult:
@@ -88,10 +93,9 @@ def compress(cfg: PipelineConfig, planned: PlannedStep, source: StageResult, out
 
 @task(name="evaluate", cache_policy=NO_CACHE, task_run_name="evaluate-{variant.name}")
 def evaluate(cfg: PipelineConfig, run_dir: str, variant: StageResult) -> VariantFigures:
-    """Accuracy, sizes and the deployable of one variant; latency and energy come from `measure`."""
-    with measured_slot(get_run_logger().info):
-        return stages.evaluate_variant(cfg, variant, Path(run_dir) / "deploy", make_meter(cfg.energy),
-                                       measure=False)
+    """Accuracy, sizes and the deployable of one variant; latency and energy come from `measure`, so this
+    measures nothing and holds no measured-stage slot."""
+    return stages.evaluate_variant(cfg, variant, Path(run_dir) / "deploy", make_meter(cfg.energy), measure=False)
 
 
 @task(name="measure", cache_policy=NO_CACHE)
@@ -121,7 +125,7 @@ class TrackedStages:
 
     def train(self) -> StageResult:
         out_dir = str(Path(self.run_dir) / "train")
-        result = self._record("train", "train", lambda: run_cached(train, self.cfg, out_dir))
+        result = self._record("train", "train", lambda: run_cached(train, self.cfg, quote(out_dir)))
         if result.cached:
             training_reused(str(result.params.get("produced_by_flow_run", "unknown")))
         self.tracker.log_input(result.mlflow_run_id, workload_for(self.cfg).dataset_record("training"))
@@ -129,18 +133,18 @@ class TrackedStages:
 
     def step(self, planned: PlannedStep, source: StageResult) -> StageResult:
         out_dir = str(Path(self.run_dir) / planned.step.kind)
-        return self._record(planned.name, planned.step.kind, lambda: run_cached(compress, self.cfg, planned, source,
-                                                                                out_dir))
+        return self._record(planned.name, planned.step.kind,
+                            lambda: run_cached(compress, self.cfg, quote(planned), source, quote(out_dir)))
 
     def skip(self, planned: PlannedStep, reason: str) -> None:
         get_run_logger().warning("skipping %s: %s", planned.name, reason)
         self.tracker.set_tag(self.parent, f"skipped.{planned.name}", reason)
 
     def evaluate(self, variant: StageResult) -> VariantFigures:
-        return evaluate(self.cfg, self.run_dir, variant)
+        return evaluate(quote(self.cfg), quote(self.run_dir), variant)
 
     def measure(self, variants: list[StageResult], figures: list[VariantFigures]) -> list[VariantFigures]:
-        return measure(self.cfg, self.run_dir, variants, figures)
+        return measure(quote(self.cfg), quote(self.run_dir), variants, figures)
 
     def progress(self, done: int, total: int, text: str) -> None:
         report("variants", done, total, text)

@@ -163,7 +163,9 @@ def process_worker(env: dict[str, str], pool: str, log_path: Path, name: str = "
     try:
         yield proc
     finally:
-        stop(proc)
+        # Its flow runs are over by now; Prefect's worker takes up to ~20 s to wind down on SIGTERM, which no
+        # test looks at: a short grace, then its process group is killed.
+        stop(proc, grace_s=3.0)
 
 
 @dataclass(frozen=True)

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from mlflow.tracking import MlflowClient
 from prefect.client.orchestration import get_client
-from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
+from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId, LogFilter, LogFilterFlowRunId
 from servers import model_server
 
 from flows.pipeline import pipeline
@@ -42,6 +42,17 @@ def tiny_config(tmp_path, **train) -> PipelineConfig:
         "distill": {"epochs": 10},
         "eval": {"repeats": 3, "warmup": 1, "energy_inferences": 2000, "energy_min_window_s": 0.2},
     })
+
+
+async def task_graph(flow_run_id: str) -> dict[str, set[str]]:
+    """Task run name (its generated suffix cut) -> the names of the task runs Prefect links it to."""
+    async with get_client() as client:
+        runs = await client.read_task_runs(
+            flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[uuid.UUID(flow_run_id)])))
+    name = {r.id: r.name.rsplit("-", 1)[0] if r.name.startswith(("train-", "measure-", "select-", "ship-"))
+            else r.name for r in runs}
+    return {name[r.id]: {name[i.id] for inputs in r.task_inputs.values() for i in inputs
+                         if getattr(i, "input_type", "") == "task_run"} for r in runs}
 
 
 async def read_flow_run(flow_run_id: str):
@@ -117,6 +128,15 @@ def test_pipeline_logs_the_mlflow_contract(prefect_server, mlflow_uri, tmp_path,
     assert "onnx-int8-static" in str(mine["wattflow-variants"].data)
     assert mine["wattflow-training-progress"].type == "progress" and mine["wattflow-training-progress"].data == 100.0
     assert result["champion"] in mine["wattflow-report"].data and mine["wattflow-report"].type == "markdown"
+    # The UI's graph: each step hangs off its input (through the input's fields Prefect may also link earlier
+    # ancestors), never off an unrelated variant; each evaluation off its variant
+    graph = asyncio.run(task_graph(str(flow_run.id)))
+    assert graph["train"] == set()
+    lineage = {"onnx-int8-static": ["train"], "distill": ["train"], "distill+prune-0.9": ["distill", "train"],
+               "distill+prune-0.9+kmeans-4bit": ["distill+prune-0.9", "distill", "train"],
+               "evaluate-channels-0.5": ["channels-0.5", "train"]}
+    for task_name, ancestors in lineage.items():
+        assert ancestors[0] in graph[task_name] and graph[task_name] <= set(ancestors), (task_name, graph[task_name])
 
     # The champion: registered under its alias, a child of this flow's parent run, and (from the MLflow
     # metrics alone) within the accuracy budget and the lowest energy per inference among those that are.

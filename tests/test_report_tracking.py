@@ -1,3 +1,6 @@
+import os
+
+import mlflow
 import pytest
 from mlflow.tracking import MlflowClient
 
@@ -59,6 +62,22 @@ def test_a_stage_that_raises_leaves_its_run_failed_with_the_error(tracker):
         [exp], filter_string=f"tags.mlflow.parentRunId = '{parent}'")
     assert child.info.status == "FAILED" and child.data.tags["error"] == "RuntimeError: disk full"
     assert child.data.tags["wattflow.stage"] == "prune"
+
+
+def test_a_tracker_changes_no_process_wide_state(tmp_path, monkeypatch):
+    monkeypatch.delenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", raising=False)
+    before = mlflow.get_tracking_uri()
+    for uri in (f"sqlite:///{tmp_path}/other.db", "http://127.0.0.1:9"):
+        Tracker(uri, journal_dir=tmp_path / "run")
+    assert mlflow.get_tracking_uri() == before and "MLFLOW_HTTP_REQUEST_MAX_RETRIES" not in os.environ
+
+
+def test_a_model_logged_through_a_tracker_goes_to_its_store_not_the_process_default(tmp_path, checkpoints):
+    tracker = Tracker(f"sqlite:///{tmp_path}/mine.db")
+    before = mlflow.get_tracking_uri()
+    run = tracker.start_run(tracker.experiment_id("t"), "r")
+    tracker.log_model(run, str(checkpoints["mlp"]), "torch")
+    assert tracker.has_logged_model(run) and mlflow.get_tracking_uri() == before
 
 
 def test_unknown_metrics_are_left_out_not_logged_as_zero(tracker):
