@@ -82,6 +82,31 @@ def test_unsupported_counter_integrates_instantaneous_power_by_trapezoid():
     assert "not supported" in gpu.note and "integrated instantaneous power" in gpu.note
 
 
+def test_the_power_integral_runs_on_one_clock_when_nvml_timestamps_are_wall_clock_or_zero():
+    # Real drivers stamp samples in wall-clock µs, some with 0: the integral must not mix that with its own clock.
+    epoch_us = 1_764_000_000_000_000
+    fake, backend, meter, clock = manual_gpu(supported=[False], power_mw=[[100_000]],
+                                             power_timestamp_us=[[epoch_us, epoch_us + 10, 0, epoch_us + 2_000_010]])
+    with meter.window("w") as w:
+        clock.t_s += 1.0
+        backend.poll()           # the sample stamped 0
+        clock.t_s += 1.0
+    (gpu,) = w.result.devices
+    assert gpu.energy_j == pytest.approx(200.0)   # 100 W x 2 s
+
+
+def test_a_cached_power_sample_read_again_is_not_counted_twice():
+    epoch_us = 1_764_000_000_000_000
+    fake, backend, meter, clock = manual_gpu(supported=[False], power_mw=[[0, 100_000, 300_000, 100_000]],
+                                             power_timestamp_us=[[1, epoch_us, epoch_us, epoch_us + 2_000_000]])
+    with meter.window("w") as w:
+        clock.t_s += 1.0
+        backend.poll()           # NVML has no new sample yet: the same stamp, so the 300 W read is not a sample
+        clock.t_s += 1.0
+    (gpu,) = w.result.devices
+    assert gpu.energy_j == pytest.approx(200.0)   # (100 + 100) / 2 x 2 s
+
+
 def test_power_integral_with_the_real_sampling_thread_matches_power_times_duration():
     fake = FakeNvml(power_w=120.0)
     fake.supported[0] = False

@@ -74,6 +74,8 @@ class FakeNvml:
       power_supported[i] = False  NVML_FI_DEV_POWER_INSTANT is unsupported
       power_mw[i]                 scripted instantaneous power in mW: a list or a callable. Read once when
                                   built, then per window edge and per sampler poll
+      power_timestamp_us[i]       scripted NVML timestamp of each power sample (default: the fake's clock;
+                                  real drivers give wall-clock µs, some give 0)
     Set them before building the NvmlBackend: it probes counter, power and MIG mode once.
       mig_mode[i]                 None: no MIG support (Not Supported), 0: disabled, 1: enabled
       processes[i], graphics_processes[i]   pids running on the GPU
@@ -104,6 +106,7 @@ class FakeNvml:
         self.counter_mj: list[Script] = [None] * n
         self.power_supported = [True] * n
         self.power_mw: list[Script] = [None] * n
+        self.power_timestamp_us: list[Script] = [None] * n
         self.mig_mode: list[int | None] = [None] * n
         self.processes: list[list[int]] = [[] for _ in range(n)]
         self.graphics_processes: list[list[int]] = [[] for _ in range(n)]
@@ -166,9 +169,11 @@ class FakeNvml:
                 values.append(_FieldValue(field_id, now_us, self.NVML_ERROR_NOT_SUPPORTED))
                 continue
             scripted = _next(self.power_mw[i], self.power_reads[i])
+            stamp_us = _next(self.power_timestamp_us[i], self.power_reads[i])
             self.power_reads[i] += 1
             power_mw = round(self.power_w * 1000.0 if scripted is None else scripted)
-            values.append(_FieldValue(field_id, now_us, self.NVML_SUCCESS, value=_Value(uiVal=power_mw)))
+            values.append(_FieldValue(field_id, now_us if stamp_us is None else int(stamp_us), self.NVML_SUCCESS,
+                                      value=_Value(uiVal=power_mw)))
         return values
 
     def nvmlDeviceGetMigMode(self, handle: _Handle) -> list[int]:

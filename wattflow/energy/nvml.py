@@ -4,8 +4,9 @@ Counter: `nvmlDeviceGetTotalEnergyConsumption` (mJ, Volta and newer), read at th
 CUDA synchronize. Labelled "measured:nvml" ("simulated:nvml" on FakeNvml).
 
 Power integral: while any window is open, a daemon thread samples `NVML_FI_DEV_POWER_INSTANT` (mW) every
-`sample_period_s` (default 0.05 s) and integrates it by the trapezoid rule over the samples' timestamps;
-the window edges sample too. It is the figure for GPUs without the counter, and the fallback for a window
+`sample_period_s` (default 0.05 s) and integrates it by the trapezoid rule over the times it read them (one
+monotonic clock; NVML's own timestamps, wall-clock or 0, only tell a cached sample read twice); the window
+edges sample too. It is the figure for GPUs without the counter, and the fallback for a window
 whose counter went down (driver reload: flagged "counter_reset") or could not be read, so it runs on every
 GPU with the power field. Labelled "measured:nvml-power". `nvmlDeviceGetPowerUsage` is never integrated:
 it is a 1-s moving average. Overhead: one field read (tens of µs) per GPU per sample, ~0.1% of one core.
@@ -115,14 +116,18 @@ class _Integral:
     """Running trapezoid integral of one GPU's power, from the samples taken so far."""
 
     joules: float = 0.0
-    t_s: float | None = None    # timestamp of the last sample
+    t_s: float | None = None    # when the last sample was read, on the backend's monotonic clock
     power_w: float = 0.0
+    stamp_us: int | None = None  # NVML's timestamp of the last sample (wall clock, or 0 when the driver gives none)
 
-    def add(self, t_s: float, power_w: float) -> None:
+    def add(self, t_s: float, power_w: float, stamp_us: int | None = None) -> None:
+        """Integrate over one monotonic clock. NVML's timestamp is on another clock (and 0 on some drivers):
+        mixing the two once integrates over decades, so it only tells a cached sample read again."""
+        if stamp_us and stamp_us == self.stamp_us:
+            return
         if self.t_s is not None and t_s > self.t_s:
             self.joules += (self.power_w + power_w) / 2 * (t_s - self.t_s)
-        if t_s != self.t_s:  # an equal timestamp is the same cached sample; an earlier one re-baselines
-            self.t_s, self.power_w = t_s, power_w
+        self.t_s, self.power_w, self.stamp_us = t_s, power_w, stamp_us
 
 
 @dataclass(frozen=True)
@@ -242,15 +247,15 @@ class NvmlBackend:
                 integral.t_s = None
             self._foreign.clear()
 
-    def _read_power(self, handle) -> tuple[float, float]:
-        """(timestamp s, power W) of one instantaneous power sample; raises NVMLError."""
+    def _read_power(self, handle) -> tuple[float, float, int]:
+        """(monotonic time s, power W, NVML's timestamp µs) of one instantaneous power sample; raises
+        NVMLError."""
         field_id = getattr(self._nvml, "NVML_FI_DEV_POWER_INSTANT", _POWER_INSTANT)
         (value,) = self._nvml.nvmlDeviceGetFieldValues(handle, [field_id])
         if value.nvmlReturn != getattr(self._nvml, "NVML_SUCCESS", 0):
             raise self._nvml.NVMLError(value.nvmlReturn)
         power_mw = getattr(value.value, _VALUE_MEMBERS.get(value.valueType, "uiVal"))
-        t_s = value.timestamp / 1e6 if value.timestamp > 0 else self._clock()
-        return t_s, power_mw / 1000.0
+        return self._clock(), power_mw / 1000.0, value.timestamp
 
     def _sample(self) -> list[str]:
         """Extend every power integral by one sample; the error text per GPU ("" when it worked)."""
