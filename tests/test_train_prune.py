@@ -74,3 +74,20 @@ def test_training_past_its_timeout_is_stopped_with_a_clear_error(tmp_path):
     with pytest.raises(TrainingError, match="exceeded train.timeout_s=2.0"):
         launch_training(cfg, tmp_path, lambda _: None)
     assert not (tmp_path / "model.pt").exists()
+
+
+def test_ranks_number_gpus_in_the_order_nvml_does(tmp_path, monkeypatch):
+    """The meter and the slots name GPUs by NVML (PCI) index; CUDA's default order is fastest first."""
+    import wattflow.distributed as distributed
+
+    seen: dict[str, str] = {}
+
+    def capture(cmd, env, *args):
+        seen.update(env)
+        raise RuntimeError("launch captured")
+
+    monkeypatch.setattr(distributed, "run_torchrun", capture)
+    monkeypatch.delenv("CUDA_DEVICE_ORDER", raising=False)
+    with pytest.raises(RuntimeError, match="launch captured"):
+        launch_training(PipelineConfig(work_dir=str(tmp_path)), tmp_path / "train", lambda _: None)
+    assert seen["CUDA_DEVICE_ORDER"] == "PCI_BUS_ID"

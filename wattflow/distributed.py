@@ -250,7 +250,10 @@ def launch_training(cfg: PipelineConfig, out_dir: str | Path, log: Callable[[str
     env = {**os.environ, "OMP_NUM_THREADS": str(cfg.train.threads_per_rank), "PYTHONUNBUFFERED": "1",
            # The agent's shared TCPStore keeps the dead attempt's keys: a restarted rank may read a dead peer's
            # address and fail to connect (pytorch/pytorch#135712). A fresh store per attempt avoids that.
-           "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1", **loopback_gloo_env(rendezvous)}
+           "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1", **loopback_gloo_env(rendezvous),
+           # CUDA numbers GPUs fastest first, NVML (the meter, the slots) in PCI order: on a host with mixed GPUs
+           # the ranks would run on other GPUs than the ones measured. One order for both, unless the user set one.
+           "CUDA_DEVICE_ORDER": os.environ.get("CUDA_DEVICE_ORDER", "PCI_BUS_ID")}
     cmd = torchrun_command(job_path, nproc, max_restarts=cfg.train.max_restarts, rendezvous=rendezvous)
     log(f"launching {nproc} {device} rank(s): {' '.join(cmd)}")
     returncode, tail, timed_out = run_torchrun(cmd, env, out_dir, cfg.train.timeout_s, log)
