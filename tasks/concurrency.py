@@ -5,9 +5,10 @@
 
 NVML energy counters and RAPL are device-global: two stages measured on the same GPU at once would each be
 charged for the other's work. So every measured stage holds a slot per GPU this process may use,
-`gpu:<host>:<nvml index>` (CUDA_VISIBLE_DEVICES, as CUDA resolves it), or `cpu:<host>` on a host without a
-visible GPU. NVML indices are physical (PCI order), so two workers pinned to different GPUs of one host do not
-block each other, and two pinned to the same GPU do.
+`gpu:<GPU UUID>` (CUDA_VISIBLE_DEVICES, as CUDA resolves it), or `cpu:<host>` on a host without a visible GPU.
+A GPU's UUID is the same whoever looks (NVML indices are renumbered from 0 inside containers and Slurm cgroups,
+and a container has its own hostname), so two workers on different GPUs never block each other, and two on the
+same GPU always do, containers or not.
 
 A slot is a kernel file lock on the host (released when its process dies) and, with a Prefect server, also a
 Prefect global concurrency limit (limit 1) leased to the holding task run. Probed in Prefect 3.9.1: the server
@@ -40,8 +41,8 @@ SLOT_LIMIT = 1
 LEASE_DURATION_S = 300.0
 
 
-def _visible_gpu_indices(nvml=None) -> tuple[list[int], str]:
-    """NVML indices of the GPUs this process may use, and why there are none (empty string if some)."""
+def _visible_gpus(nvml=None) -> tuple[list[str], str]:
+    """UUIDs of the GPUs this process may use, and why there are none (empty string if some)."""
     try:
         if nvml is None:
             import pynvml as nvml
@@ -51,19 +52,18 @@ def _visible_gpu_indices(nvml=None) -> tuple[list[int], str]:
     except Exception as e:  # no driver, no library, no GPU: a CPU-only host
         return [], f"NVML unavailable ({type(e).__name__}: {e})"
     uuids = [u.decode() if isinstance(u, bytes) else str(u) for u in uuids]
-    indices = visible_indices(uuids, os.environ.get("CUDA_VISIBLE_DEVICES"))
     visible = os.environ.get("CUDA_VISIBLE_DEVICES")
-    return indices, "" if indices else f"no GPU visible (CUDA_VISIBLE_DEVICES={visible!r})"
+    indices = visible_indices(uuids, visible)
+    return [uuids[i] for i in indices], "" if indices else f"no GPU visible (CUDA_VISIBLE_DEVICES={visible!r})"
 
 
 def _host_slots(host: str | None, nvml) -> tuple[list[str], str]:
-    host = host or socket.gethostname()
-    indices, why_none = _visible_gpu_indices(nvml)
-    return [f"gpu:{host}:{i}" for i in indices] or [f"cpu:{host}"], why_none
+    gpus, why_none = _visible_gpus(nvml)
+    return [f"gpu:{uuid}" for uuid in gpus] or [f"cpu:{host or socket.gethostname()}"], why_none
 
 
 def slot_names(host: str | None = None, nvml=None) -> list[str]:
-    """`gpu:<host>:<index>` per visible GPU, else `["cpu:<host>"]`. `nvml`: a FakeNvml in tests."""
+    """`gpu:<UUID>` per visible GPU, else `["cpu:<host>"]`. `nvml`: a FakeNvml in tests."""
     return _host_slots(host, nvml)[0]
 
 

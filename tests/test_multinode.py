@@ -51,12 +51,16 @@ def test_a_job_without_exactly_one_rank0_is_refused():
         stage_result(tiny_config("/tmp"), [record(0, "a", "cpu", 1.0, False), record(1, "b", "cpu", 1.0, False)])
 
 
-def test_slots_are_keyed_by_host_and_physical_gpu(monkeypatch):
+def test_slots_are_keyed_by_gpu_uuid_whatever_the_host_or_index(monkeypatch):
     nvml = FakeNvml(device_count=4)
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
-    assert slot_names("h", nvml) == ["gpu:h:0", "gpu:h:1", "gpu:h:2", "gpu:h:3"]
+    assert slot_names("h", nvml) == [f"gpu:{u}" for u in nvml.uuids]
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", f"2,{nvml.uuids[0][:12]}")  # an index and a UUID prefix
-    assert slot_names("h", nvml) == ["gpu:h:2", "gpu:h:0"]
+    assert slot_names("h", nvml) == [f"gpu:{nvml.uuids[2]}", f"gpu:{nvml.uuids[0]}"]
+    # A container (own hostname) that NVML shows only GPU 2, renumbered as index 0: the same slot as the host's
+    inside = FakeNvml(device_count=1, uuids=[nvml.uuids[2]])
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    assert slot_names("container-7f3a", inside) == [f"gpu:{nvml.uuids[2]}"]
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")  # no GPU visible: the host-wide slot
     assert slot_names("h", nvml) == ["cpu:h"]
 
