@@ -102,7 +102,8 @@ lint: setup
 bench: setup
 	$(PY) -m bench.run $(if $(filter quick,$(BENCH)),--quick)
 
-gpu-check: setup
+gpu-check:  # installs nothing: run it where torch has CUDA (python -m wattflow.gpu_check)
+	@test -x $(PY) || { echo "no $(PY): run 'python -m wattflow.gpu_check' in an environment with a CUDA build of torch"; exit 2; }
 	$(PY) -m wattflow.gpu_check
 
 mlflow-ui: setup state

@@ -4,9 +4,8 @@ import pytest
 
 from wattflow.gpu_check import main
 
-pytestmark = pytest.mark.integration  # starts torchrun ranks or servers: not in make test-fast
 
-
+@pytest.mark.integration  # starts torchrun ranks: not in make test-fast
 def test_gpu_check_runs_end_to_end_on_a_simulated_gpu(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     assert main(["--fake", "--seconds", "0.3"]) == 0
@@ -21,3 +20,13 @@ def test_gpu_check_runs_end_to_end_on_a_simulated_gpu(tmp_path, monkeypatch, cap
     assert all("CUDA only" in line for line in result["not_run"])
     for row in result["rows"]:  # FakeNvml's counter and power agree, so the two readings must too
         assert row["counter_j"] > 0 and abs(row["relative_difference"]) < 0.05
+
+
+def test_without_cuda_in_torch_a_real_gpu_check_refuses_instead_of_timing_idle_gpus(monkeypatch, capsys):
+    import wattflow.gpu_check as gpu_check
+    from wattflow.energy import FakeNvml, NvmlBackend
+
+    monkeypatch.setattr(gpu_check, "NvmlBackend", lambda: NvmlBackend(FakeNvml(power_w=60.0)))  # NVML sees a GPU
+    monkeypatch.setattr(gpu_check.torch.cuda, "is_available", lambda: False)
+    assert main([]) == 2
+    assert "has no CUDA here" in capsys.readouterr().out

@@ -170,6 +170,11 @@ def main(argv: list[str] | None = None) -> int:
     if not backend.devices:
         console.print("[red]NVML sees no GPU (check CUDA_VISIBLE_DEVICES)[/red]")
         return 2
+    if not args.fake and not torch.cuda.is_available():
+        # The workload would run on the CPU while the counters read idle GPUs: they would agree, and prove nothing.
+        console.print(f"[red]NVML sees {len(backend.devices)} GPU(s) but torch {torch.__version__} has no CUDA here "
+                      "(a CPU build, or no usable driver): run the check with a CUDA build of torch[/red]")
+        return 2
     device = "cuda" if torch.cuda.is_available() and not args.fake else "cpu"
     cfg = PipelineConfig.model_validate({"train": {"epochs": 30 if device == "cuda" else 2}})
     rows: list[dict] = []
