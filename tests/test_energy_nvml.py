@@ -171,27 +171,44 @@ def test_mig_enabled_gpu_is_unavailable_with_the_reason():
 
 
 def test_foreign_processes_flag_the_gpu_contended():
-    fake, _, meter, clock = manual_gpu(device_count=2)
+    fake, _, meter, clock = manual_gpu(device_count=3)
     child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    others = sorted({1, os.getppid()})  # processes that exist here and are not ours
     try:
-        fake.processes[0] = [os.getpid(), 4_000_001]
-        fake.graphics_processes[0] = [4_000_000]
+        fake.processes[0] = [os.getpid(), others[-1]]
+        fake.graphics_processes[0] = [others[0]]
         fake.processes[1] = [os.getpid(), child.pid]    # our own descendant: not foreign
+        fake.processes[2] = [os.getpid(), 4_000_000]    # no such pid here: NVML sees another PID namespace
         with meter.window("w") as w:
             clock.t_s += 2.0
     finally:
         child.kill()
         child.wait()
-    busy, ours = w.result.devices
-    assert busy.flags == (CONTENDED,) and "pids 4000000, 4000001" in busy.note
+    busy, ours, container = w.result.devices
+    assert busy.flags == (CONTENDED,) and f"pids {', '.join(map(str, others))}" in busy.note
     assert busy.method == "simulated:nvml" and busy.energy_j is not None
     assert ours.flags == () and ours.note == ""
+    # In a container without the host's PID namespace NVML lists host pids: not "contended", but said
+    assert container.flags == () and "cannot tell whether other processes used this GPU" in container.note
+    assert container.energy_j is not None
+
+
+def test_a_rank_that_exits_during_the_window_is_still_ours():
+    fake, _, meter, clock = manual_gpu()
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    fake.processes[0] = [child.pid]
+    with meter.window("w") as w:         # the start edge sees it in this process tree
+        child.kill()
+        child.wait()
+        clock.t_s += 1.0                 # NVML still lists it at the end edge (the driver lags the exit)
+    (gpu,) = w.result.devices
+    assert gpu.flags == () and gpu.note == ""
 
 
 def test_contention_belongs_to_the_windows_it_overlapped():
     fake, _, meter, clock = manual_gpu()
     with meter.window("outer") as outer:
-        fake.processes[0] = [4_000_000]
+        fake.processes[0] = [os.getppid()]
         with meter.window("first") as first:
             clock.t_s += 1.0
         fake.processes[0] = []

@@ -22,10 +22,15 @@ def own_pids() -> set[int]:
         return {me.pid}
 
 
+CANNOT_TELL = -1  # recorded instead of pids that do not exist here (NVML sees another PID namespace)
+
+
 class ForeignProcesses:
     def __init__(self, device_count: int):
         self.checks = 0   # number of the latest check
         self._runs: list[dict[int, list[list[int]]]] = [{} for _ in range(device_count)]  # pid -> [[first, last]]
+        # Every pid once seen in this process tree: a rank that has exited by a later check is still ours.
+        self._own: set[int] = {os.getpid()}
 
     def clear(self) -> None:
         """Forget all sightings (no window is open, so no one can ask about them)."""
@@ -33,13 +38,16 @@ class ForeignProcesses:
             runs.clear()
 
     def check(self, running: list[set[int]]) -> int:
-        """Record one check: the pids on each device. Returns the check's number."""
+        """Record one check: the pids on each device. Returns the check's number. A pid that is not ours and
+        does not exist here is not counted as a foreign process: inside a container without the host's PID
+        namespace NVML reports host pids, our own ranks' among them, so whether others ran cannot be told."""
         self.checks += 1
-        own = {os.getpid()}
-        if set().union(*running) - own:
-            own = own_pids()  # walking the tree reads all of /proc: only when another pid is on a device
+        if set().union(*running) - self._own:
+            self._own |= own_pids()  # walking the tree reads all of /proc: only when another pid is on a device
         for pids, device_runs in zip(running, self._runs, strict=True):
-            for pid in pids - own:
+            others = pids - self._own
+            strangers = {pid for pid in others if not psutil.pid_exists(pid)}
+            for pid in sorted(others - strangers) + ([CANNOT_TELL] if strangers else []):
                 runs = device_runs.setdefault(pid, [])
                 if runs and runs[-1][1] == self.checks - 1:
                     runs[-1][1] = self.checks
@@ -48,6 +56,7 @@ class ForeignProcesses:
         return self.checks
 
     def seen(self, device: int, first_check: int, last_check: int) -> list[int]:
-        """Foreign pids seen on `device` at any check numbered first_check..last_check."""
+        """Foreign pids seen on `device` at any check numbered first_check..last_check (CANNOT_TELL first when
+        some could not be told apart)."""
         return sorted(pid for pid, runs in self._runs[device].items()
                       if any(a <= last_check and b >= first_check for a, b in runs))

@@ -13,8 +13,9 @@ it is a 1-s moving average. Overhead: one field read (tens of µs) per GPU per s
 
 Contention: the counter and the power are device-global. At each edge and about once a second while a
 window is open, the GPU's compute and graphics processes are compared with this process and its
-descendants; others seen during a window flag it "contended" and are named in the note. (Inside a
-container without the host PID namespace NVML reports host pids, so every process looks foreign.)
+descendants (any pid once seen in that tree stays ours); others seen during a window flag it "contended" and
+are named in the note. Inside a container without the host's PID namespace NVML reports host pids, which do
+not exist here: such a window is not flagged but says it cannot tell.
 Measure once per node around a launch, never once per rank.
 
 A MIG-enabled GPU is reported unavailable: NVML's figures cover the whole GPU, shared by its instances.
@@ -34,7 +35,7 @@ import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from wattflow.energy.contention import ForeignProcesses
+from wattflow.energy.contention import CANNOT_TELL, ForeignProcesses
 from wattflow.energy.meter import UNAVAILABLE, EnergyUnavailableError
 from wattflow.energy.poller import Poller
 from wattflow.energy.result import BELOW_RESOLUTION, CONTENDED, COUNTER_RESET, DeviceEnergy, Resolution
@@ -333,6 +334,10 @@ class NvmlBackend:
         if gpu.unavailable:
             return DeviceEnergy(gpu.label, None, UNAVAILABLE, gpu.unavailable, **ids)
         flags, notes = [], []
+        if CANNOT_TELL in foreign:
+            notes.append("cannot tell whether other processes used this GPU: NVML listed process ids that do not "
+                         "exist here (a container without the host's PID namespace?)")
+            foreign = [pid for pid in foreign if pid != CANNOT_TELL]
         if foreign:
             flags.append(CONTENDED)
             notes.append("other processes on this GPU: pids " + ", ".join(map(str, foreign)))
