@@ -34,7 +34,7 @@ from prefect.concurrency.sync import concurrency
 from prefect.context import FlowRunContext, TaskRunContext
 from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound
 
-from wattflow.energy.nvml import visible_indices
+from wattflow.energy.nvml import mig_parents, visible_indices
 
 SLOT_LIMIT = 1
 # The lease is renewed in the background while the stage runs; it only expires if this process dies.
@@ -53,7 +53,8 @@ def _visible_gpus(nvml=None) -> tuple[list[str], str]:
         return [], f"NVML unavailable ({type(e).__name__}: {e})"
     uuids = [u.decode() if isinstance(u, bytes) else str(u) for u in uuids]
     visible = os.environ.get("CUDA_VISIBLE_DEVICES")
-    indices = visible_indices(uuids, visible)
+    migs = mig_parents(nvml, handles) if visible and "MIG-" in visible else {}  # a MIG slice blocks its GPU
+    indices = visible_indices(uuids, visible, migs)
     return [uuids[i] for i in indices], "" if indices else f"no GPU visible (CUDA_VISIBLE_DEVICES={visible!r})"
 
 

@@ -170,6 +170,19 @@ def test_mig_enabled_gpu_is_unavailable_with_the_reason():
     assert "unknown: gpu:0" in w.result.scope
 
 
+def test_a_mig_device_in_cuda_visible_devices_names_its_parent_gpu_reported_unavailable(monkeypatch):
+    fake = FakeNvml(device_count=2)
+    fake.mig_mode = [0, 1]
+    fake.mig_uuids[1] = ["MIG-1111aaaa-0000", "MIG-2222bbbb-0000"]
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "MIG-2222bbbb")
+    backend = NvmlBackend(fake, simulated=True, sample_period_s=NO_THREAD_POLLS_S)
+    with EnergyMeter([backend]).window("w") as w:
+        pass
+    (gpu,) = w.result.devices
+    assert (gpu.index, gpu.uuid, gpu.energy_j, gpu.method) == (1, fake.uuids[1], None, "unavailable")
+    assert "MIG mode is enabled" in gpu.note   # whole-GPU figures cannot be split between its instances
+
+
 def test_foreign_processes_flag_the_gpu_contended():
     fake, _, meter, clock = manual_gpu(device_count=3)
     child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])

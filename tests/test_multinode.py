@@ -61,6 +61,10 @@ def test_slots_are_keyed_by_gpu_uuid_whatever_the_host_or_index(monkeypatch):
     inside = FakeNvml(device_count=1, uuids=[nvml.uuids[2]])
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
     assert slot_names("container-7f3a", inside) == [f"gpu:{nvml.uuids[2]}"]
+    # A MIG slice takes its parent GPU's slot: NVML's figures are the whole GPU's
+    nvml.mig_mode[3], nvml.mig_uuids[3] = 1, ["MIG-3333cccc-0000"]
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "MIG-3333cccc-0000")
+    assert slot_names("h", nvml) == [f"gpu:{nvml.uuids[3]}"]
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")  # no GPU visible: the host-wide slot
     assert slot_names("h", nvml) == ["cpu:h"]
 

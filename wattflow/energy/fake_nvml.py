@@ -26,6 +26,7 @@ class _FakeNVMLError(Exception):
 @dataclass(frozen=True)
 class _Handle:
     index: int
+    mig: int | None = None  # a MIG device's slot on its parent GPU `index`
 
 
 @dataclass
@@ -78,6 +79,7 @@ class FakeNvml:
                                   real drivers give wall-clock µs, some give 0)
     Set them before building the NvmlBackend: it probes counter, power and MIG mode once.
       mig_mode[i]                 None: no MIG support (Not Supported), 0: disabled, 1: enabled
+      mig_uuids[i]                the UUIDs ("MIG-...") of GPU i's MIG devices (with mig_mode[i] = 1)
       processes[i], graphics_processes[i]   pids running on the GPU
     `uuids` sets the UUIDs (NVML index order); `init_calls` counts nvmlInit calls.
     """
@@ -87,6 +89,7 @@ class FakeNvml:
     NVML_ERROR_UNINITIALIZED = 1
     NVML_ERROR_INVALID_ARGUMENT = 2
     NVML_ERROR_NOT_SUPPORTED = 3
+    NVML_ERROR_NOT_FOUND = 6
     NVML_FI_DEV_POWER_INSTANT = 186
     NVML_VALUE_TYPE_DOUBLE = 0
     NVML_VALUE_TYPE_UNSIGNED_INT = 1
@@ -108,6 +111,7 @@ class FakeNvml:
         self.power_mw: list[Script] = [None] * n
         self.power_timestamp_us: list[Script] = [None] * n
         self.mig_mode: list[int | None] = [None] * n
+        self.mig_uuids: list[list[str]] = [[] for _ in range(n)]
         self.processes: list[list[int]] = [[] for _ in range(n)]
         self.graphics_processes: list[list[int]] = [[] for _ in range(n)]
         self.counter_reads = [0] * n
@@ -146,7 +150,19 @@ class FakeNvml:
 
     def nvmlDeviceGetUUID(self, handle: _Handle) -> str:
         self._check(handle)
-        return self.uuids[handle.index]
+        return self.uuids[handle.index] if handle.mig is None else self.mig_uuids[handle.index][handle.mig]
+
+    def nvmlDeviceGetMaxMigDeviceCount(self, handle: _Handle) -> int:
+        self._check(handle)
+        if self.mig_mode[handle.index] is None:
+            raise self.NVMLError(self.NVML_ERROR_NOT_SUPPORTED)
+        return 7  # an A100's most; the slots without an instance answer NOT_FOUND
+
+    def nvmlDeviceGetMigDeviceHandleByIndex(self, handle: _Handle, index: int) -> _Handle:
+        self._check(handle)
+        if not self.mig_mode[handle.index] or index >= len(self.mig_uuids[handle.index]):
+            raise self.NVMLError(self.NVML_ERROR_NOT_FOUND)
+        return _Handle(handle.index, mig=index)
 
     def nvmlDeviceGetTotalEnergyConsumption(self, handle: _Handle) -> int:
         """Energy in mJ, as NVML reports it (an integer)."""

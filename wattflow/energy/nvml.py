@@ -60,10 +60,12 @@ def _ensure_init(nvml) -> None:
             _initialised.add(nvml)
 
 
-def visible_indices(uuids: list[str], cuda_visible_devices: str | None) -> list[int]:
+def visible_indices(uuids: list[str], cuda_visible_devices: str | None,
+                    mig_parents: dict[str, int] | None = None) -> list[int]:
     """NVML indices of the GPUs that CUDA would use under CUDA_VISIBLE_DEVICES (None: all of them).
 
-    Entries are indices or (unique prefixes of) UUIDs. As in CUDA, the first entry that names no device
+    Entries are indices or (unique prefixes of) UUIDs; a MIG device's UUID ("MIG-...", see `mig_parents`) names
+    its parent GPU, whose figures cover every instance on it. As in CUDA, the first entry that names no device
     ends the list. Indices are NVML's (PCI bus order); they match CUDA's numbering only with
     CUDA_DEVICE_ORDER=PCI_BUS_ID, so prefer UUIDs.
     """
@@ -71,7 +73,7 @@ def visible_indices(uuids: list[str], cuda_visible_devices: str | None) -> list[
         return list(range(len(uuids)))
     chosen: list[int] = []
     for token in (t.strip() for t in cuda_visible_devices.split(",")):
-        index = _resolve(token, uuids)
+        index = _resolve(token, uuids) if not token.startswith("MIG-") else _resolve_mig(token, mig_parents or {})
         if index is None:
             break
         if index not in chosen:
@@ -87,6 +89,27 @@ def _resolve(token: str, uuids: list[str]) -> int | None:
         pass
     matches = [i for i, uuid in enumerate(uuids) if token and uuid.startswith(token)]
     return matches[0] if len(matches) == 1 else None
+
+
+def _resolve_mig(token: str, parents: dict[str, int]) -> int | None:
+    matches = {index for mig_uuid, index in parents.items() if mig_uuid.startswith(token)}
+    return matches.pop() if len(matches) == 1 else None
+
+
+def mig_parents(nvml, handles: list) -> dict[str, int]:
+    """MIG device UUID -> the NVML index of the GPU it is a slice of (empty where MIG is off or unsupported)."""
+    parents: dict[str, int] = {}
+    for index, handle in enumerate(handles):
+        try:
+            slots = nvml.nvmlDeviceGetMaxMigDeviceCount(handle)
+        except (nvml.NVMLError, AttributeError):
+            continue
+        for slot in range(slots):
+            try:
+                parents[_text(nvml.nvmlDeviceGetUUID(nvml.nvmlDeviceGetMigDeviceHandleByIndex(handle, slot)))] = index
+            except nvml.NVMLError:  # no instance in this slot
+                continue
+    return parents
 
 
 def _text(value) -> str:
@@ -175,7 +198,8 @@ class NvmlBackend:
         except nvml.NVMLError as e:
             raise EnergyUnavailableError(f"NVML did not initialise: {e}") from e
         self.visible_env = os.environ.get("CUDA_VISIBLE_DEVICES")
-        self.devices = [self._gpu(i, uuids[i], handles[i]) for i in visible_indices(uuids, self.visible_env)]
+        migs = mig_parents(nvml, handles) if self.visible_env and "MIG-" in self.visible_env else {}
+        self.devices = [self._gpu(i, uuids[i], handles[i]) for i in visible_indices(uuids, self.visible_env, migs)]
         self._lock = threading.Lock()
         self._integrals = [_Integral() for _ in self.devices]
         self._foreign = ForeignProcesses(len(self.devices))
