@@ -76,11 +76,12 @@ class Splits:
 
 
 def loader(dataset: Dataset, batch_size: int, *, shuffle: bool = False, seed: int = 0, num_workers: int = 0,
-           sampler=None) -> DataLoader:
-    """The one way stages read data: batches, never the whole split at once."""
+           sampler=None, pin_memory: bool = False) -> DataLoader:
+    """The one way stages read data: batches, never the whole split at once. `pin_memory` when the batches go
+    to a GPU."""
     generator = torch.Generator().manual_seed(seed) if shuffle else None
     return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle and sampler is None, generator=generator,
-                      sampler=sampler, num_workers=num_workers, persistent_workers=False)
+                      sampler=sampler, num_workers=num_workers, persistent_workers=False, pin_memory=pin_memory)
 
 
 def batches(dataset: Dataset, batch_size: int = 256, num_workers: int = 0) -> Iterator[tuple[np.ndarray, np.ndarray]]:

@@ -206,7 +206,9 @@ def main(job_path: str) -> None:
     splits = workload.splits
     # Each rank reads only its shard of the training samples, batch by batch.
     sampler = DistributedSampler(splits.train, num_replicas=world, rank=rank, shuffle=True, seed=cfg.seed)
-    train_loader = loader(splits.train, cfg.batch_size, sampler=sampler, num_workers=data_cfg.num_workers)
+    # Pinned host memory: only then is a non_blocking copy to the GPU asynchronous.
+    train_loader = loader(splits.train, cfg.batch_size, sampler=sampler, num_workers=data_cfg.num_workers,
+                          pin_memory=use_cuda)
 
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank (DDP also broadcasts rank 0's)
     spec = job["spec"]
@@ -234,8 +236,11 @@ def main(job_path: str) -> None:
     val_accuracy = float("nan")
     for epoch in range(start_epoch, cfg.epochs):
         sampler.set_epoch(epoch)
-        loss_sum = torch.zeros(2, device=device)  # (sum of losses, samples) on this rank
-        # First step with a non-finite loss, tracked on the device: no host sync per step.
+        # Per step nothing goes between host and device but the batch: the loss sum and the first step with a
+        # non-finite loss stay on the device, the sample count on the host (a per-step torch.tensor(..., device)
+        # would be a copy, and a sync on CUDA).
+        loss_sum = torch.zeros((), device=device)
+        epoch_samples = 0
         first_bad_step = torch.full((), steps_per_epoch + 1, device=device)
         for step, (xb, yb) in enumerate(train_loader, start=1):
             xb, yb = xb.to(device, non_blocking=True), yb.to(device, non_blocking=True)
@@ -243,20 +248,21 @@ def main(job_path: str) -> None:
                 loss = loss_fn(ddp(xb), yb)
             if nan_at and nan_at["epoch"] == epoch + 1 and nan_at["step"] == step:
                 loss = loss * float("nan")
-            first_bad_step = torch.where(torch.isfinite(loss.detach()), first_bad_step,
-                                         torch.minimum(first_bad_step, torch.tensor(step, device=device)))
+            first_bad_step = torch.where(torch.isfinite(loss.detach()), first_bad_step, first_bad_step.clamp(max=step))
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
             scheduler.step()
-            loss_sum += torch.stack([loss.detach().float() * len(yb), torch.tensor(len(yb), device=device)])
+            loss_sum += loss.detach().float() * len(yb)
+            epoch_samples += len(yb)
             samples_seen += len(yb)
             if kill_at and restarts == 0 and (rank, epoch + 1, step) == (kill_at["rank"], kill_at["epoch"],
                                                                          kill_at["step"]):
                 print(f"rank {rank}: WATTFLOW_FAULT_KILL: SIGKILL at epoch {epoch + 1} step {step}", flush=True)
                 os.kill(os.getpid(), signal.SIGKILL)
-        dist.all_reduce(loss_sum)  # a NaN on any rank makes the sum NaN on every rank: all stop together
-        if not torch.isfinite(loss_sum).all():
+        totals = torch.stack([loss_sum, torch.tensor(float(epoch_samples), device=device)])  # once per epoch
+        dist.all_reduce(totals)  # a NaN on any rank makes the sum NaN on every rank: all stop together
+        if not torch.isfinite(totals).all():
             dist.all_reduce(first_bad_step, op=dist.ReduceOp.MIN)
             step = int(first_bad_step.item())
             where = f"step {step}/{steps_per_epoch}" if step <= steps_per_epoch else "(loss sum overflowed)"
@@ -265,7 +271,7 @@ def main(job_path: str) -> None:
                  "the data for NaN/inf values")
         val_accuracy = sharded_score(workload, model, splits.val, rank, world, device)
         if master_process:
-            line = {"epoch": epoch + 1, "epochs": cfg.epochs, "train_loss": (loss_sum[0] / loss_sum[1]).item(),
+            line = {"epoch": epoch + 1, "epochs": cfg.epochs, "train_loss": (totals[0] / totals[1]).item(),
                     "val_accuracy": val_accuracy, "lr": scheduler.get_last_lr()[0],
                     "elapsed_s": time.perf_counter() - started, "restarts": restarts}
             with open(out_dir / "progress.jsonl", "a") as f:
