@@ -15,6 +15,7 @@ import json
 import os
 import sys
 from collections.abc import Callable
+from contextlib import nullcontext
 from pathlib import Path
 
 import mlflow
@@ -25,6 +26,7 @@ from prefect.utilities.annotations import quote
 from rich.console import Console
 
 from flows.terminal import progress_bars
+from tasks.concurrency import flow_run_slots
 from tasks.ship import previous_champion_row, select, ship
 from tasks.stages import TrackedStages
 from wattflow.config import ConfigError, PipelineConfig, load_config
@@ -66,15 +68,18 @@ def pipeline(config: PipelineConfig = PipelineConfig()) -> dict:  # noqa: B008 (
             logger.info("energy: %s", note)
         for note in workload.splits.notes:
             logger.warning("data: %s", note)
-        variants, figures, total = run_stages(config, TrackedStages(config, parent, run_dir))
-        log_energy(tracker, parent, total, config.energy)
-        rows = summary_rows(variants, figures)
-        record_ratios(tracker, variants, rows)
-        create_table_artifact(table=rows, key="wattflow-variants",
-                              description=f"wattflow variants — MLflow parent run `{parent}`")
-        # quote(): not another task's result, so Prefect's graph does not link through it (tasks/stages.py)
-        selection = select(quote(config), quote(rows), figures)
-        previous = previous_champion_row(quote(config), quote(run_dir))
+        # With a Prefect server, this host's measured-stage limits are acquired once for the run's measured
+        # stages, not once per stage (tasks/concurrency.py); a multi-node training's node runs need them free.
+        with flow_run_slots(logger.info) if config.train.nnodes == 1 else nullcontext():
+            variants, figures, total = run_stages(config, TrackedStages(config, parent, run_dir))
+            log_energy(tracker, parent, total, config.energy)
+            rows = summary_rows(variants, figures)
+            record_ratios(tracker, variants, rows)
+            create_table_artifact(table=rows, key="wattflow-variants",
+                                  description=f"wattflow variants — MLflow parent run `{parent}`")
+            # quote(): not another task's result, so Prefect's graph does not link through it (tasks/stages.py)
+            selection = select(quote(config), quote(rows), figures)
+            previous = previous_champion_row(quote(config), quote(run_dir))
         aliases, registry_note = ship(quote(config), quote(parent), quote(run_dir), quote(experiment_id), selection,
                                       variants, quote(rows), quote(total.to_dict()), previous)
     return {"mlflow_run_id": parent, "rows": rows, "champion": selection.champion, "reason": selection.reason,

@@ -124,6 +124,37 @@ _REASONS_SAID: set[tuple[str, str]] = set()  # (flow run id, reason)
 _LIMITS_FOUND: set[tuple[str, str]] = set()  # (flow run id, limit name) seen on the server
 
 
+_HELD: dict[str, frozenset[str]] = {}  # flow run id -> the Prefect limits it holds across its measured stages
+
+
+def _prefect_limits(names: list[str], timeout_s: float | None = None):
+    ensure_limits(names)
+    # raise_on_lease_renewal_failure=False: a transient API error must not kill an hour of training.
+    return concurrency(names, occupy=1, timeout_seconds=timeout_s, lease_duration=LEASE_DURATION_S, strict=True,
+                       holder=_holder(), raise_on_lease_renewal_failure=False)
+
+
+@contextmanager
+def flow_run_slots(log: Callable[[str], None] | None = None) -> Iterator[None]:
+    """With a Prefect server, hold this host's measured-stage limits for the block, on behalf of the flow run:
+    its measured stages inside then take only the host's file locks. Each acquisition is an API call, and a
+    Prefect server on SQLite answered one that follows a task run's state changes in ~2 s (20 ms alone), so
+    acquiring per stage cost the default pipeline ~10 s. Other flow runs wait for the whole block instead of
+    interleaving stage by stage. Not around a multi-node training: its node runs may need this host's limits."""
+    if not os.environ.get("PREFECT_API_URL"):
+        yield
+        return
+    names, _ = _host_slots(None, None)
+    if log:
+        log(f"waiting for measured-stage slot(s) {', '.join(names)} for this flow run's measured stages")
+    with _prefect_limits(names):
+        _HELD[_flow_run_id()] = frozenset(names)
+        try:
+            yield
+        finally:
+            _HELD.pop(_flow_run_id(), None)
+
+
 @contextmanager
 def measured_slot(log: Callable[[str], None] | None = None, *, names: list[str] | None = None,
                   timeout_s: float | None = None) -> Iterator[list[str]]:
@@ -148,13 +179,11 @@ def measured_slot(log: Callable[[str], None] | None = None, *, names: list[str] 
         log(f"waiting for measured-stage slot(s) {', '.join(names)}"
             + (f" ({why_no_gpu})" if why_no_gpu and not said else ""))
     with ExitStack() as stack:
+        # The Prefect limits before the file locks, always: whoever waits for a limit holds no lock (no cycle
+        # with a flow run that holds its limits across stages, see flow_run_slots).
+        if os.environ.get("PREFECT_API_URL") and not set(names) <= _HELD.get(_flow_run_id(), frozenset()):
+            stack.enter_context(_prefect_limits(names, timeout_s))
         stack.enter_context(host_locks(names))
-        if os.environ.get("PREFECT_API_URL"):
-            ensure_limits(names)
-            # raise_on_lease_renewal_failure=False: a transient API error must not kill an hour of training.
-            stack.enter_context(concurrency(names, occupy=1, timeout_seconds=timeout_s,
-                                            lease_duration=LEASE_DURATION_S, strict=True, holder=_holder(),
-                                            raise_on_lease_renewal_failure=False))
         if log:
             log(f"holding {', '.join(names)}")
         yield names

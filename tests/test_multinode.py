@@ -11,7 +11,8 @@ import pytest
 from prefect.settings import PREFECT_API_URL, temporary_settings
 from servers import process_worker, tail
 
-from tasks.concurrency import measured_slot, slot_names
+import tasks.concurrency
+from tasks.concurrency import flow_run_slots, measured_slot, slot_names
 from tasks.multinode import node_energy, stage_result, train_multinode
 from wattflow.config import PipelineConfig
 from wattflow.energy import EnergyResult, FakeNvml
@@ -143,3 +144,34 @@ def test_why_there_is_no_gpu_slot_is_said_once_per_process(monkeypatch):
     waiting = [line for line in lines if line.startswith("waiting")]
     assert waiting[0] == "waiting for measured-stage slot(s) cpu:test-once (NVML unavailable (x))"
     assert waiting[1:] == ["waiting for measured-stage slot(s) cpu:test-once"] * 2
+
+
+@pytest.mark.integration
+def test_a_flow_run_acquires_its_prefect_limits_once_for_all_its_measured_stages(stack, monkeypatch):
+    """Per stage, each acquisition is an API call that a SQLite Prefect server answers in ~2 s after a task run's
+    state changes; a flow run holds them across its stages instead, its stages taking only the file locks."""
+    from prefect import flow, task
+    from prefect.cache_policies import NO_CACHE
+    from prefect.client.orchestration import get_client
+
+    acquired: list[list[str]] = []
+    real = tasks.concurrency._prefect_limits
+    monkeypatch.setattr(tasks.concurrency, "_prefect_limits",
+                        lambda names, timeout_s=None: acquired.append(names) or real(names, timeout_s))
+    monkeypatch.setenv("PREFECT_API_URL", stack.prefect.api_url)
+
+    @task(cache_policy=NO_CACHE)
+    def stage() -> list[str]:
+        with measured_slot() as names:
+            return names
+
+    @flow
+    def three_stages() -> list[str]:
+        with flow_run_slots():
+            return [stage() for _ in range(3)][0]
+
+    with temporary_settings({PREFECT_API_URL: stack.prefect.api_url}):
+        names = three_stages()
+        with get_client(sync_client=True) as client:
+            held = client.read_global_concurrency_limit_by_name(names[0]).active_slots
+    assert acquired == [names] and held == 0   # once for the flow run, and released at the end
