@@ -28,7 +28,7 @@ from pathlib import Path
 
 from prefect import flow, get_run_logger
 
-from tasks.concurrency import measured_slot
+from tasks.concurrency import measured_slot, reads_host_counters
 from tasks.multinode import NODE_DEPLOYMENT, first_node_on_host, node_record_path, train_multinode
 from wattflow.config import PipelineConfig
 from wattflow.distributed import Rendezvous, launch_training
@@ -48,7 +48,8 @@ def train_node(config: PipelineConfig, nnodes: int, node_rank: int, endpoint: st
     # other while the rendezvous waits for them all.
     hold = hold_slot and first_node_on_host(endpoint, run_id)
     # Measured once per node around the launch: the counters are device-wide, never per rank.
-    with (measured_slot(logger.info) if hold else nullcontext()), meter.window("train") as window:
+    slot = measured_slot(logger.info, host_wide=reads_host_counters(meter)) if hold else nullcontext()
+    with slot, meter.window("train") as window:
         out = launch_training(config, Path(out_dir) / f"node-{node_rank}", logger.info, rendezvous=rendezvous)
     record = {"node_rank": node_rank, "host": socket.gethostname(), "train": dataclasses.asdict(out),
               "energy": window.result.to_dict()}

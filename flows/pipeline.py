@@ -26,7 +26,7 @@ from prefect.utilities.annotations import quote
 from rich.console import Console
 
 from flows.terminal import progress_bars
-from tasks.concurrency import flow_run_slots
+from tasks.concurrency import flow_run_slots, reads_host_counters
 from tasks.ship import previous_champion_row, select, ship
 from tasks.stages import TrackedStages
 from wattflow.config import ConfigError, PipelineConfig, load_config
@@ -70,7 +70,8 @@ def pipeline(config: PipelineConfig = PipelineConfig()) -> dict:  # noqa: B008 (
             logger.warning("data: %s", note)
         # With a Prefect server, this host's measured-stage limits are acquired once for the run's measured
         # stages, not once per stage (tasks/concurrency.py); a multi-node training's node runs need them free.
-        with flow_run_slots(logger.info) if config.train.nnodes == 1 else nullcontext():
+        host_wide = reads_host_counters(meter)  # RAPL: stages on other GPUs of this host would move it too
+        with flow_run_slots(logger.info, host_wide=host_wide) if config.train.nnodes == 1 else nullcontext():
             variants, figures, total = run_stages(config, TrackedStages(config, parent, run_dir))
             log_energy(tracker, parent, total, config.energy)
             rows = summary_rows(variants, figures)

@@ -34,6 +34,7 @@ from prefect.concurrency.sync import concurrency
 from prefect.context import FlowRunContext, TaskRunContext
 from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound
 
+from wattflow.energy import EnergyMeter
 from wattflow.energy.nvml import mig_parents, visible_indices
 
 SLOT_LIMIT = 1
@@ -58,14 +59,22 @@ def _visible_gpus(nvml=None) -> tuple[list[str], str]:
     return [uuids[i] for i in indices], "" if indices else f"no GPU visible (CUDA_VISIBLE_DEVICES={visible!r})"
 
 
-def _host_slots(host: str | None, nvml) -> tuple[list[str], str]:
+def _host_slots(host: str | None, nvml, host_wide: bool = False) -> tuple[list[str], str]:
     gpus, why_none = _visible_gpus(nvml)
-    return [f"gpu:{uuid}" for uuid in gpus] or [f"cpu:{host or socket.gethostname()}"], why_none
+    cpu = f"cpu:{host or socket.gethostname()}"
+    return ([f"gpu:{uuid}" for uuid in gpus] + ([cpu] if host_wide else [])) or [cpu], why_none
 
 
-def slot_names(host: str | None = None, nvml=None) -> list[str]:
-    """`gpu:<UUID>` per visible GPU, else `["cpu:<host>"]`. `nvml`: a FakeNvml in tests."""
-    return _host_slots(host, nvml)[0]
+def slot_names(host: str | None = None, nvml=None, host_wide: bool = False) -> list[str]:
+    """`gpu:<UUID>` per visible GPU, else `["cpu:<host>"]`; with `host_wide` (the stage's meter reads a host-wide
+    counter: RAPL) also `cpu:<host>`, so stages on different GPUs of one host are not charged each other's CPU
+    and DRAM energy. `nvml`: a FakeNvml in tests."""
+    return _host_slots(host, nvml, host_wide)[0]
+
+
+def reads_host_counters(meter: EnergyMeter) -> bool:
+    """Whether `meter` reads a counter of the whole host (RAPL), which a stage on another GPU would move too."""
+    return any(backend.name == "rapl" for backend in meter.backends)
 
 
 def ensure_limits(names: list[str], limit: int = SLOT_LIMIT) -> None:
@@ -135,7 +144,7 @@ def _prefect_limits(names: list[str], timeout_s: float | None = None):
 
 
 @contextmanager
-def flow_run_slots(log: Callable[[str], None] | None = None) -> Iterator[None]:
+def flow_run_slots(log: Callable[[str], None] | None = None, *, host_wide: bool = False) -> Iterator[None]:
     """With a Prefect server, hold this host's measured-stage limits for the block, on behalf of the flow run:
     its measured stages inside then take only the host's file locks. Each acquisition is an API call, and a
     Prefect server on SQLite answered one that follows a task run's state changes in ~2 s (20 ms alone), so
@@ -144,7 +153,7 @@ def flow_run_slots(log: Callable[[str], None] | None = None) -> Iterator[None]:
     if not os.environ.get("PREFECT_API_URL"):
         yield
         return
-    names, _ = _host_slots(None, None)
+    names, _ = _host_slots(None, None, host_wide)
     if log:
         log(f"waiting for measured-stage slot(s) {', '.join(names)} for this flow run's measured stages")
     with _prefect_limits(names):
@@ -157,7 +166,7 @@ def flow_run_slots(log: Callable[[str], None] | None = None) -> Iterator[None]:
 
 @contextmanager
 def measured_slot(log: Callable[[str], None] | None = None, *, names: list[str] | None = None,
-                  timeout_s: float | None = None) -> Iterator[list[str]]:
+                  host_wide: bool = False, timeout_s: float | None = None) -> Iterator[list[str]]:
     """Hold the measured-stage slots of this host's GPUs (or of the host) for the duration of the block.
 
     Always a kernel file lock per slot on this host (released if the process dies). With a Prefect server
@@ -166,11 +175,12 @@ def measured_slot(log: Callable[[str], None] | None = None, *, names: list[str] 
     whose lease the server expires should a holder vanish. Not with the local ephemeral server or the test
     harness: they do not run the service that expires leases, so a killed stage would block every later run.
     Waits for slots held by other stages (forever, or `timeout_s` for the Prefect limits, then TimeoutError).
-    Do not nest it, nor hold it around code that waits for another holder of the same slots.
+    Do not nest it, nor hold it around code that waits for another holder of the same slots. `host_wide`: the
+    stage's meter reads RAPL (`reads_host_counters`), so the host's slot is held too.
     """
     why_no_gpu = ""
     if names is None:
-        names, why_no_gpu = _host_slots(None, None)
+        names, why_no_gpu = _host_slots(None, None, host_wide)
     if log:
         # Why there is no GPU slot does not change within a flow run: say it the first time only.
         reason_key = (_flow_run_id(), why_no_gpu)

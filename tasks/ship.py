@@ -12,7 +12,7 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.runtime import flow_run
 
-from tasks.concurrency import measured_slot
+from tasks.concurrency import measured_slot, reads_host_counters
 from wattflow.card import model_card
 from wattflow.config import PipelineConfig
 from wattflow.energy import make_meter
@@ -55,8 +55,9 @@ def previous_champion_row(cfg: PipelineConfig, run_dir: str) -> tuple[dict | Non
     if previous is None or previous.path is None:
         return None, "no current champion" if previous is None else previous.note
     try:
-        with measured_slot(get_run_logger().info):
-            row = reevaluate(cfg, previous, Path(run_dir) / "previous", make_meter(cfg.energy))
+        meter = make_meter(cfg.energy)
+        with measured_slot(get_run_logger().info, host_wide=reads_host_counters(meter)):
+            row = reevaluate(cfg, previous, Path(run_dir) / "previous", meter)
     except Exception as err:  # another workload's model, an unreadable file: it cannot be compared here
         return None, (f"the current champion v{previous.version} cannot be re-evaluated here "
                       f"({type(err).__name__}: {err})")

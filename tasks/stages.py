@@ -21,7 +21,7 @@ from prefect.cache_policies import NO_CACHE
 from prefect.runtime import flow_run
 from prefect.utilities.annotations import quote
 
-from tasks.concurrency import measured_slot
+from tasks.concurrency import measured_slot, reads_host_counters
 from tasks.multinode import train_multinode
 from tasks.progress import TrainingProgress, report, training_reused
 from wattflow import stages
@@ -79,16 +79,18 @@ def train(cfg: PipelineConfig, out_dir: str) -> StageResult:
     if cfg.train.nnodes > 1:  # the node runs hold their own measured slots on their hosts
         return produced_here(train_multinode(cfg, cfg.train.nnodes, out_dir, rdzv_host=cfg.train.rdzv_host,
                                              log=logger.info))
-    with measured_slot(logger.info):
-        return produced_here(stages.train_stage(cfg, Path(out_dir), make_meter(cfg.energy), log))
+    meter = make_meter(cfg.energy)
+    with measured_slot(logger.info, host_wide=reads_host_counters(meter)):
+        return produced_here(stages.train_stage(cfg, Path(out_dir), meter, log))
 
 
 @task(name="compress", persist_result=True, result_serializer="json", task_run_name="{planned.name}",
       cache_key_fn=lambda _, p: step_cache_key(p["cfg"], p["planned"], p["source"].artifact.sha256))
 def compress(cfg: PipelineConfig, planned: PlannedStep, source: StageResult, out_dir: str) -> StageResult:
     """One step of a chain, on the trained model or the previous step's output."""
-    with measured_slot(get_run_logger().info):
-        return produced_here(stages.step_stage(cfg, planned, source, Path(out_dir), make_meter(cfg.energy)))
+    meter = make_meter(cfg.energy)
+    with measured_slot(get_run_logger().info, host_wide=reads_host_counters(meter)):
+        return produced_here(stages.step_stage(cfg, planned, source, Path(out_dir), meter))
 
 
 @task(name="evaluate", cache_policy=NO_CACHE, task_run_name="evaluate-{variant.name}")
@@ -103,8 +105,9 @@ def measure(cfg: PipelineConfig, run_dir: str, variants: list[StageResult],
             figures: list[VariantFigures]) -> list[VariantFigures]:
     """Latency and energy of every variant, round-robin across them in eval.rounds rounds (one slot held
     throughout), then every variant's figures recorded on its run."""
-    with measured_slot(get_run_logger().info):
-        complete = stages.measure_variants(cfg, variants, figures, make_meter(cfg.energy))
+    meter = make_meter(cfg.energy)
+    with measured_slot(get_run_logger().info, host_wide=reads_host_counters(meter)):
+        complete = stages.measure_variants(cfg, variants, figures, meter)
     tracker = Tracker(journal_dir=run_dir)
     for variant, f in zip(variants, complete, strict=True):
         record_evaluation(tracker, variant.mlflow_run_id, f)

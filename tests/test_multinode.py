@@ -12,7 +12,7 @@ from prefect.settings import PREFECT_API_URL, temporary_settings
 from servers import process_worker, tail
 
 import tasks.concurrency
-from tasks.concurrency import flow_run_slots, measured_slot, slot_names
+from tasks.concurrency import flow_run_slots, measured_slot, reads_host_counters, slot_names
 from tasks.multinode import node_energy, stage_result, train_multinode
 from wattflow.config import PipelineConfig
 from wattflow.energy import EnergyResult, FakeNvml
@@ -68,6 +68,25 @@ def test_slots_are_keyed_by_gpu_uuid_whatever_the_host_or_index(monkeypatch):
     assert slot_names("h", nvml) == [f"gpu:{nvml.uuids[3]}"]
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")  # no GPU visible: the host-wide slot
     assert slot_names("h", nvml) == ["cpu:h"]
+
+
+def test_a_stage_whose_meter_reads_rapl_also_holds_the_host_slot(monkeypatch, tmp_path):
+    """RAPL is host-wide: stages on two GPUs of one host would each be charged the other's CPU and DRAM energy."""
+    from wattflow.energy import CpuTimeBackend, EnergyMeter, RaplBackend
+
+    nvml = FakeNvml(device_count=2)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0")
+    on_gpu0 = slot_names("h", nvml, host_wide=True)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "1")
+    on_gpu1 = slot_names("h", nvml, host_wide=True)
+    assert set(on_gpu0) & set(on_gpu1) == {"cpu:h"}   # they wait for each other
+    assert not set(slot_names("h", nvml)) & set(on_gpu0[:1])   # NVML alone: GPU 1 does not wait for GPU 0
+    zone = tmp_path / "intel-rapl:0"
+    zone.mkdir()
+    for name, value in (("name", "package-0"), ("energy_uj", "1000"), ("max_energy_range_uj", "262143328850")):
+        (zone / name).write_text(value + "\n")
+    assert reads_host_counters(EnergyMeter([RaplBackend(tmp_path)]))
+    assert not reads_host_counters(EnergyMeter([CpuTimeBackend()]))
 
 
 def holds_one_at_a_time(names: list[str]) -> list[str]:
