@@ -206,6 +206,14 @@ def test_foreign_processes_flag_the_gpu_contended():
     assert container.energy_j is not None
 
 
+def test_an_old_drivers_process_query_does_not_break_the_window():
+    fake, _, meter, clock = manual_gpu(library_mismatch=True)   # the versioned query this driver lacks
+    with meter.window("w") as w:
+        clock.t_s += 2.0
+    (gpu,) = w.result.devices
+    assert gpu.energy_j == pytest.approx(100.0) and CONTENDED not in gpu.flags   # 50 W x 2 s
+
+
 def test_a_rank_that_exits_during_the_window_is_still_ours():
     fake, _, meter, clock = manual_gpu()
     child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])

@@ -11,6 +11,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 
+class _FakeLibraryMismatchError(Exception):
+    """Like `pynvml.NVMLLibraryMismatchError`: not an NVMLError (old drivers, versioned process queries)."""
+
+
 class _FakeNVMLError(Exception):
     """Compatible with `pynvml.NVMLError`: carries the NVML return code in `.value`."""
 
@@ -81,10 +85,13 @@ class FakeNvml:
       mig_mode[i]                 None: no MIG support (Not Supported), 0: disabled, 1: enabled
       mig_uuids[i]                the UUIDs ("MIG-...") of GPU i's MIG devices (with mig_mode[i] = 1)
       processes[i], graphics_processes[i]   pids running on the GPU
+      library_mismatch = True     the process queries raise NVMLLibraryMismatchError (a driver older than
+                                  nvidia-ml-py's versioned query)
     `uuids` sets the UUIDs (NVML index order); `init_calls` counts nvmlInit calls.
     """
 
     NVMLError = _FakeNVMLError
+    NVMLLibraryMismatchError = _FakeLibraryMismatchError
     NVML_SUCCESS = 0
     NVML_ERROR_UNINITIALIZED = 1
     NVML_ERROR_INVALID_ARGUMENT = 2
@@ -114,6 +121,7 @@ class FakeNvml:
         self.mig_uuids: list[list[str]] = [[] for _ in range(n)]
         self.processes: list[list[int]] = [[] for _ in range(n)]
         self.graphics_processes: list[list[int]] = [[] for _ in range(n)]
+        self.library_mismatch = False
         self.counter_reads = [0] * n
         self.power_reads = [0] * n
         self.init_calls = 0
@@ -201,6 +209,9 @@ class FakeNvml:
 
     def nvmlDeviceGetComputeRunningProcesses(self, handle: _Handle) -> list[_Process]:
         self._check(handle)
+        if self.library_mismatch:
+            raise self.NVMLLibraryMismatchError("Unversioned function called and the pyNVML version does not "
+                                                "match the NVML lib version")
         return [_Process(pid) for pid in self.processes[handle.index]]
 
     def nvmlDeviceGetGraphicsRunningProcesses(self, handle: _Handle) -> list[_Process]:

@@ -301,7 +301,8 @@ class NvmlBackend:
         try:
             running = (self._nvml.nvmlDeviceGetComputeRunningProcesses(gpu.handle)
                        + self._nvml.nvmlDeviceGetGraphicsRunningProcesses(gpu.handle))
-        except (self._nvml.NVMLError, AttributeError):
+        except (self._nvml.NVMLError, getattr(self._nvml, "NVMLLibraryMismatchError", AttributeError),
+                AttributeError):  # an old driver's process query is not an NVMLError in nvidia-ml-py
             return set()  # cannot tell on this GPU
         return {p.pid for p in running}
 
