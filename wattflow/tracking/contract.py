@@ -15,15 +15,16 @@ STAGE_TAG = "wattflow.stage"
 CACHE_TAG = "wattflow.cache"
 
 
-def energy_fields(energy: EnergyResult) -> tuple[dict[str, float | None], dict[str, str]]:
-    """A stage's energy as metrics (totals per device kind; unknown stays None, never 0) and tags (method,
-    scope, node, flags)."""
+def energy_fields(energy: EnergyResult, cfg: EnergyConfig) -> tuple[dict[str, float | None], dict[str, str]]:
+    """Energy spent, as metrics (totals per device kind and its carbon; unknown stays None, never 0) and tags
+    (method, scope, node, flags, the carbon inputs)."""
     by_kind = energy.energy_by_kind()
+    carbon, carbon_tags = co2e_fields(energy.energy_j, cfg)
     metrics = {"energy_j": energy.energy_j, "energy_gpu_j": by_kind.get("gpu"), "energy_cpu_j": by_kind.get("cpu"),
                "energy_dram_j": by_kind.get("dram"), "power_avg_w": energy.avg_power_w,
-               "energy_duration_s": energy.duration_s}
+               "energy_duration_s": energy.duration_s, **carbon}
     tags = {"energy.method": energy.method, "energy.scope": energy.scope, "energy.node": energy.node,
-            "energy.flags": ",".join(energy.flags) or "none"}
+            "energy.flags": ",".join(energy.flags) or "none", **carbon_tags}
     return metrics, tags
 
 
@@ -37,9 +38,8 @@ def co2e_fields(energy_j: float | None, cfg: EnergyConfig, key: str = "co2e_g"
 
 def log_energy(tracker: Tracker, run_id: str, energy: EnergyResult, cfg: EnergyConfig) -> None:
     """Energy and carbon of a run, and the full per-device record as a JSON artifact."""
-    metrics, tags = energy_fields(energy)
-    carbon, carbon_tags = co2e_fields(energy.energy_j, cfg)
-    tracker.log_batch(run_id, metrics={**metrics, **carbon}, tags={**tags, **carbon_tags})
+    metrics, tags = energy_fields(energy, cfg)
+    tracker.log_batch(run_id, metrics=metrics, tags=tags)
     tracker.log_dict(run_id, energy.to_dict(), f"energy/{metric_key(energy.name)}.json")
 
 
@@ -64,9 +64,7 @@ def record_result(tracker: Tracker, run_id: str, result, energy_cfg: EnergyConfi
     if result.cached:
         energy_metrics, energy_tags = reused_energy_fields(result, energy_cfg)
     else:
-        energy_metrics, energy_tags = energy_fields(result.energy_result)
-        carbon, carbon_tags = co2e_fields(result.energy_result.energy_j, energy_cfg)
-        energy_metrics, energy_tags = {**energy_metrics, **carbon}, {**energy_tags, **carbon_tags}
+        energy_metrics, energy_tags = energy_fields(result.energy_result, energy_cfg)
         tracker.log_dict(run_id, result.energy, f"energy/{metric_key(result.energy_result.name)}.json")
     tracker.log_batch(run_id, metrics={**metrics, **energy_metrics}, params=result.params,
                       tags={**tags, **energy_tags})
