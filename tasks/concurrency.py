@@ -73,8 +73,9 @@ def slot_names(host: str | None = None, nvml=None, host_wide: bool = False) -> l
 
 
 def reads_host_counters(meter: EnergyMeter) -> bool:
-    """Whether `meter` reads a counter of the whole host (RAPL), which a stage on another GPU would move too."""
-    return any(backend.name == "rapl" for backend in meter.backends)
+    """Whether `meter` reads a counter of the whole host (RAPL, a SoC), which a stage on another GPU would move
+    too."""
+    return any(getattr(backend, "host_wide", False) for backend in meter.backends)
 
 
 def ensure_limits(names: list[str], limit: int = SLOT_LIMIT) -> None:

@@ -139,14 +139,18 @@ def test_unsupported_counter_and_counter_going_backwards_fall_back_to_the_power_
 
 
 @pytest.mark.parametrize("cuda_initialised", [True, False])
-def test_cuda_is_synchronised_at_the_edges_only_when_initialised(monkeypatch, cuda_initialised):
+def test_cuda_is_synchronised_at_the_edges_on_every_device_used_only_when_initialised(monkeypatch, cuda_initialised):
+    # A stage may queue work on several GPUs: synchronize() alone waits for the current one only. Devices
+    # this process never touched (no CUDA context) are left alone: syncing would create a context there.
     calls = []
-    cuda = SimpleNamespace(is_initialized=lambda: cuda_initialised, synchronize=lambda: calls.append(1))
-    monkeypatch.setitem(sys.modules, "torch", SimpleNamespace(cuda=cuda))
+    cuda = SimpleNamespace(is_initialized=lambda: cuda_initialised, device_count=lambda: 3,
+                           synchronize=lambda device=None: calls.append(device))
+    used = SimpleNamespace(_cuda_hasPrimaryContext=lambda device: device in (0, 2))
+    monkeypatch.setitem(sys.modules, "torch", SimpleNamespace(cuda=cuda, _C=used))
     meter, _ = fake_gpu_meter()
     with meter.window("w"):
         pass
-    assert len(calls) == (2 if cuda_initialised else 0)
+    assert calls == ([0, 2, 0, 2] if cuda_initialised else [])
 
 
 def test_real_nvml_requested_without_a_gpu_is_a_typed_error():

@@ -250,15 +250,16 @@ class EvalConfig(_Section):
 
 
 class EnergyConfig(_Section):
-    backend: Literal["auto", "nvml", "rapl", "cpu-time", "fake-nvml"] = Field(
-        "auto", description="auto: NVML for GPUs, plus RAPL for the CPU when readable, else the CPU-time "
-        "estimate. fake-nvml: a simulated GPU for tests, labelled 'simulated'.")
+    backend: Literal["auto", "nvml", "amdsmi", "soc", "rapl", "cpu-time", "fake-nvml"] = Field(
+        "auto", description="auto: NVIDIA (nvml) or AMD (amdsmi) GPUs through Zeus, plus RAPL for the CPU when "
+        "readable, else the CPU-time estimate; on Apple Silicon or Jetson the whole chip (soc, through Zeus). "
+        "fake-nvml: a simulated GPU for tests, labelled 'simulated'.")
     cpu_watts_per_core: float = Field(
         3.5, gt=0.0, le=1000.0,
         description="Watts per fully busy core for the CPU-time estimate (default: Cloud Carbon Footprint's "
         "AWS average max watts per vCPU).")
     power_sample_period_s: float = Field(
-        0.05, gt=0.0, le=10.0, description="NVML instantaneous-power sampling period (the second reading, used "
+        0.05, gt=0.0, le=10.0, description="GPU instantaneous-power sampling period (the second reading, used "
         "where the energy counter is missing or went backwards).")
     rapl_poll_period_s: float = Field(
         1.0, gt=0.0, le=60.0, description="RAPL background read period; must be shorter than one counter wrap.")

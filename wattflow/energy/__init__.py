@@ -5,18 +5,22 @@
         run_training()
     w.result.to_dict()   # per-device joules, duration, average watts, method, flags; scope in words
 
-Modules: meter (windows), result (records, combine_nodes), nvml / rapl / cputime (backends), fake_nvml
-(tests), poller (background readers), contention (foreign GPU processes), carbon and units (conversions).
+Modules: meter (windows), result (records, combine_nodes); backends: gpu (GPUs through Zeus, with nvml for
+NVIDIA and amd for AMD), soc (Apple Silicon and Jetson through Zeus), rapl and cputime (wattflow's own);
+fake_nvml (tests), poller (background readers), contention (foreign GPU processes), carbon and units.
 """
 
 from __future__ import annotations
 
+import os
 from typing import TYPE_CHECKING
 
 from wattflow.energy import rapl
+from wattflow.energy.amd import AmdBackend
 from wattflow.energy.carbon import carbon_g, co2e_g
 from wattflow.energy.cputime import CpuTimeBackend
 from wattflow.energy.fake_nvml import FakeNvml
+from wattflow.energy.gpu import GpuBackend
 from wattflow.energy.meter import Backend, EnergyMeter, EnergyUnavailableError, Window
 from wattflow.energy.nvml import NvmlBackend
 from wattflow.energy.rapl import RaplBackend
@@ -29,14 +33,16 @@ from wattflow.energy.result import (
     Resolution,
     combine_nodes,
 )
+from wattflow.energy.soc import SocBackend
 from wattflow.energy.units import j_to_kwh, mj_to_j, uj_to_j
 
 if TYPE_CHECKING:
     from wattflow.config import EnergyConfig
 
 __all__ = [
-    "BELOW_RESOLUTION", "CONTENDED", "COUNTER_RESET", "Backend", "CpuTimeBackend", "DeviceEnergy", "EnergyMeter",
-    "EnergyResult", "EnergyUnavailableError", "FakeNvml", "NvmlBackend", "RaplBackend", "Resolution", "Window",
+    "BELOW_RESOLUTION", "CONTENDED", "COUNTER_RESET", "AmdBackend", "Backend", "CpuTimeBackend", "DeviceEnergy",
+    "EnergyMeter", "EnergyResult", "EnergyUnavailableError", "FakeNvml", "GpuBackend", "NvmlBackend", "RaplBackend",
+    "Resolution", "SocBackend", "Window",
     "carbon_g", "co2e_g", "combine_nodes", "j_to_kwh", "make_meter", "mj_to_j", "uj_to_j",
 ]
 
@@ -49,50 +55,64 @@ def _cpu_backend(cfg: EnergyConfig, notes: list[str]) -> Backend:
     return CpuTimeBackend(cfg.cpu_watts_per_core)
 
 
-def _no_gpu(backend: NvmlBackend) -> str:
-    return f"NVML: no GPU visible (CUDA_VISIBLE_DEVICES={backend.visible_env!r})"
+def _no_gpu(backend: GpuBackend) -> str:
+    return f"{backend.name}: no GPU visible (CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES')!r})"
 
 
-def _unmeasurable(backend: NvmlBackend) -> str:
-    return "; ".join(f"{g.label}: {g.unavailable or g.power}" for g in backend.devices
-                     if g.unavailable or (g.counter and g.power))
-
-
-def _gpus_or_note(backend: NvmlBackend, notes: list[str]) -> list[Backend]:
+def _gpus_or_note(backend: GpuBackend, notes: list[str]) -> list[Backend]:
     if not backend.devices:
         notes.append(_no_gpu(backend))
         return []
-    if _unmeasurable(backend):
+    if backend.unmeasurable:
         # Kept in the meter: their figures say "unavailable" and why, rather than vanishing from the record.
-        notes.append(f"NVML: cannot measure {_unmeasurable(backend)}")
+        notes.append(f"{backend.name}: cannot measure {backend.unmeasurable}")
     return [backend]
+
+
+def _explicit_gpus(backend: GpuBackend) -> EnergyMeter:
+    if not backend.devices:
+        raise EnergyUnavailableError(_no_gpu(backend))
+    if not backend.methods:
+        raise EnergyUnavailableError(f"{backend.name}: cannot measure {backend.unmeasurable}")
+    return EnergyMeter([backend], notes=(f"{backend.name}: cannot measure {backend.unmeasurable}",)
+                       if backend.unmeasurable else ())
+
+
+def _auto(cfg: EnergyConfig) -> EnergyMeter:
+    """NVIDIA GPUs, else AMD GPUs, each with the CPU; else a whole-chip SoC reading; else the CPU alone."""
+    notes: list[str] = []
+    for vendor in (NvmlBackend, AmdBackend):
+        try:
+            gpus = _gpus_or_note(vendor(sample_period_s=cfg.power_sample_period_s), notes)
+        except EnergyUnavailableError as e:
+            notes.append(str(e))
+            continue
+        if gpus:
+            return EnergyMeter([*gpus, _cpu_backend(cfg, notes)], notes=tuple(notes))
+    try:
+        return EnergyMeter([SocBackend()], notes=tuple(notes))
+    except EnergyUnavailableError as e:
+        notes.append(str(e))
+    return EnergyMeter([_cpu_backend(cfg, notes)], notes=tuple(notes))
 
 
 def make_meter(cfg: EnergyConfig) -> EnergyMeter:
     """The meter for `cfg.backend`. Explicit backends raise `EnergyUnavailableError` when they cannot
     measure; "auto" falls back and records why in `meter.notes`."""
-    notes: list[str] = []
+    if cfg.backend == "auto":
+        return _auto(cfg)
     if cfg.backend == "cpu-time":
         return EnergyMeter([CpuTimeBackend(cfg.cpu_watts_per_core)])
     if cfg.backend == "rapl":
         return EnergyMeter([RaplBackend(rapl.DEFAULT_ROOT, cfg.rapl_poll_period_s)])
     if cfg.backend == "nvml":
-        backend = NvmlBackend(sample_period_s=cfg.power_sample_period_s)
-        if not backend.devices:
-            raise EnergyUnavailableError(_no_gpu(backend))
-        if not backend.methods:
-            raise EnergyUnavailableError(f"NVML: cannot measure {_unmeasurable(backend)}")
-        return EnergyMeter([backend], notes=(f"NVML: cannot measure {_unmeasurable(backend)}",)
-                           if _unmeasurable(backend) else ())
+        return _explicit_gpus(NvmlBackend(sample_period_s=cfg.power_sample_period_s))
+    if cfg.backend == "amdsmi":
+        return _explicit_gpus(AmdBackend(sample_period_s=cfg.power_sample_period_s))
+    if cfg.backend == "soc":
+        return EnergyMeter([SocBackend()])
     if cfg.backend == "fake-nvml":
+        notes: list[str] = []
         fake = NvmlBackend(FakeNvml(), simulated=True, sample_period_s=cfg.power_sample_period_s)
-        gpus = _gpus_or_note(fake, notes)
-    elif cfg.backend == "auto":
-        try:
-            gpus = _gpus_or_note(NvmlBackend(sample_period_s=cfg.power_sample_period_s), notes)
-        except EnergyUnavailableError as e:
-            notes.append(str(e))
-            gpus = []
-    else:
-        raise ValueError(f"unknown energy backend {cfg.backend!r}")
-    return EnergyMeter([*gpus, _cpu_backend(cfg, notes)], notes=tuple(notes))
+        return EnergyMeter([*_gpus_or_note(fake, notes), _cpu_backend(cfg, notes)], notes=tuple(notes))
+    raise ValueError(f"unknown energy backend {cfg.backend!r}")

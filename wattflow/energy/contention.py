@@ -37,17 +37,19 @@ class ForeignProcesses:
         for runs in self._runs:
             runs.clear()
 
-    def check(self, running: list[set[int]]) -> int:
-        """Record one check: the pids on each device. Returns the check's number. A pid that is not ours and
-        does not exist here is not counted as a foreign process: inside a container without the host's PID
-        namespace NVML reports host pids, our own ranks' among them, so whether others ran cannot be told."""
+    def check(self, running: list[set[int] | None]) -> int:
+        """Record one check: the pids on each device (None: they cannot be listed). Returns the check's number.
+        A pid that is not ours and does not exist here is not counted as a foreign process: inside a container
+        without the host's PID namespace NVML reports host pids, our own ranks' among them, so whether others
+        ran cannot be told."""
         self.checks += 1
-        if set().union(*running) - self._own:
+        if set().union(*(pids for pids in running if pids)) - self._own:
             self._own |= own_pids()  # walking the tree reads all of /proc: only when another pid is on a device
         for pids, device_runs in zip(running, self._runs, strict=True):
-            others = pids - self._own
-            strangers = {pid for pid in others if not psutil.pid_exists(pid)}
-            for pid in sorted(others - strangers) + ([CANNOT_TELL] if strangers else []):
+            others = set() if pids is None else pids - self._own
+            strangers = pids is None or any(not psutil.pid_exists(pid) for pid in others)
+            others = {pid for pid in others if psutil.pid_exists(pid)}
+            for pid in sorted(others) + ([CANNOT_TELL] if strangers else []):
                 runs = device_runs.setdefault(pid, [])
                 if runs and runs[-1][1] == self.checks - 1:
                     runs[-1][1] = self.checks

@@ -1,7 +1,9 @@
-"""A stand-in for the `pynvml` module, so tests need no GPU. Figures read through it are labelled "simulated".
+"""A stand-in for the `pynvml` module and for Zeus's `NVIDIAGPU` over it, so tests need no GPU. Figures read
+through it are labelled "simulated".
 
-Only the functions and constants `NvmlBackend` uses exist. By default each GPU draws a constant `power_w`
-since construction; the per-device lists below script everything else.
+Only the functions and constants wattflow calls exist: pynvml's for discovery, MIG and processes, and Zeus's
+GPU methods for readings (`FakeNvml.zeus_gpu(index)`, raising Zeus's errors as Zeus maps NVML's). By default
+each GPU draws a constant `power_w` since construction; the per-device lists below script everything else.
 """
 
 from __future__ import annotations
@@ -79,8 +81,6 @@ class FakeNvml:
       power_supported[i] = False  NVML_FI_DEV_POWER_INSTANT is unsupported
       power_mw[i]                 scripted instantaneous power in mW: a list or a callable. Read once when
                                   built, then per window edge and per sampler poll
-      power_timestamp_us[i]       scripted NVML timestamp of each power sample (default: the fake's clock;
-                                  real drivers give wall-clock µs, some give 0)
     Set them before building the NvmlBackend: it probes counter, power and MIG mode once.
       mig_mode[i]                 None: no MIG support (Not Supported), 0: disabled, 1: enabled
       mig_uuids[i]                the UUIDs ("MIG-...") of GPU i's MIG devices (with mig_mode[i] = 1)
@@ -98,6 +98,12 @@ class FakeNvml:
     NVML_ERROR_NOT_SUPPORTED = 3
     NVML_ERROR_NOT_FOUND = 6
     NVML_FI_DEV_POWER_INSTANT = 186
+    NVML_FI_DEV_POWER_AVERAGE = 185
+    NVML_POWER_SCOPE_GPU = 0
+    NVML_POWER_SCOPE_MODULE = 1
+    NVML_DEVICE_ARCH_KEPLER = 2
+    NVML_DEVICE_ARCH_VOLTA = 5
+    NVML_DEVICE_ARCH_HOPPER = 9
     NVML_VALUE_TYPE_DOUBLE = 0
     NVML_VALUE_TYPE_UNSIGNED_INT = 1
     NVML_DEVICE_MIG_ENABLE = 1
@@ -116,7 +122,6 @@ class FakeNvml:
         self.counter_mj: list[Script] = [None] * n
         self.power_supported = [True] * n
         self.power_mw: list[Script] = [None] * n
-        self.power_timestamp_us: list[Script] = [None] * n
         self.mig_mode: list[int | None] = [None] * n
         self.mig_uuids: list[list[str]] = [[] for _ in range(n)]
         self.processes: list[list[int]] = [[] for _ in range(n)]
@@ -184,20 +189,28 @@ class FakeNvml:
             scripted = self.power_w * (self.clock() - self._t0_s) * 1000.0
         return int(scripted) + self.offset_mj[i]
 
-    def nvmlDeviceGetFieldValues(self, handle: _Handle, field_ids: list[int]) -> list[_FieldValue]:
+    def nvmlDeviceGetArchitecture(self, handle: _Handle) -> int:
+        """Hopper where the energy counter is supported, else Kepler (no counter before Volta)."""
+        self._check(handle)
+        return self.NVML_DEVICE_ARCH_HOPPER if self.supported[handle.index] else self.NVML_DEVICE_ARCH_KEPLER
+
+    def nvmlDeviceGetC2cModeInfoV(self, handle: _Handle):
+        self._check(handle)
+        raise self.NVMLError(self.NVML_ERROR_NOT_SUPPORTED)  # not a Grace Hopper module
+
+    def nvmlDeviceGetFieldValues(self, handle: _Handle, field_ids: list) -> list[_FieldValue]:
+        """`field_ids`: field ids, or (field id, scope id) pairs as in nvidia-ml-py."""
         self._check(handle)
         i, now_us = handle.index, int(self.clock() * 1e6)
         values = []
-        for field_id in field_ids:
+        for field_id in (f[0] if isinstance(f, tuple) else f for f in field_ids):
             if field_id != self.NVML_FI_DEV_POWER_INSTANT or not self.power_supported[i]:
                 values.append(_FieldValue(field_id, now_us, self.NVML_ERROR_NOT_SUPPORTED))
                 continue
             scripted = _next(self.power_mw[i], self.power_reads[i])
-            stamp_us = _next(self.power_timestamp_us[i], self.power_reads[i])
             self.power_reads[i] += 1
             power_mw = round(self.power_w * 1000.0 if scripted is None else scripted)
-            values.append(_FieldValue(field_id, now_us if stamp_us is None else int(stamp_us), self.NVML_SUCCESS,
-                                      value=_Value(uiVal=power_mw)))
+            values.append(_FieldValue(field_id, now_us, self.NVML_SUCCESS, value=_Value(uiVal=power_mw)))
         return values
 
     def nvmlDeviceGetMigMode(self, handle: _Handle) -> list[int]:
@@ -217,3 +230,39 @@ class FakeNvml:
     def nvmlDeviceGetGraphicsRunningProcesses(self, handle: _Handle) -> list[_Process]:
         self._check(handle)
         return [_Process(pid) for pid in self.graphics_processes[handle.index]]
+
+    def zeus_gpu(self, index: int) -> FakeZeusGpu:
+        """What `zeus.device.gpu.nvidia.NVIDIAGPU(index)` is to wattflow, over this fake."""
+        return FakeZeusGpu(self, index)
+
+
+class FakeZeusGpu:
+    """The `zeus.device.gpu.common.GPU` methods wattflow reads, as Zeus's NVIDIAGPU implements them over NVML:
+    NVML errors become Zeus's (`NVIDIAGPU._exception_map`)."""
+
+    def __init__(self, nvml: FakeNvml, index: int):
+        self._nvml, self._handle = nvml, _Handle(index)
+
+    def _call(self, fn, *args):
+        from zeus.device.gpu.common import ZeusGPUUnknownError
+        from zeus.device.gpu.nvidia import NVIDIAGPU
+        try:
+            return fn(*args)
+        except _FakeNVMLError as e:
+            raise NVIDIAGPU._exception_map.get(e.value, ZeusGPUUnknownError)(str(e)) from e
+
+    def supports_get_total_energy_consumption(self) -> bool:
+        return self._nvml.supported[self._handle.index]  # Zeus: architecture >= Volta
+
+    def get_total_energy_consumption(self) -> int:
+        """mJ."""
+        return self._call(self._nvml.nvmlDeviceGetTotalEnergyConsumption, self._handle)
+
+    def get_instant_power_usage(self) -> int:
+        """mW."""
+        def read() -> int:
+            (value,) = self._nvml.nvmlDeviceGetFieldValues(self._handle, [self._nvml.NVML_FI_DEV_POWER_INSTANT])
+            if value.nvmlReturn != self._nvml.NVML_SUCCESS:
+                raise self._nvml.NVMLError(value.nvmlReturn)
+            return value.value.uiVal
+        return self._call(read)

@@ -100,6 +100,7 @@ class RaplBackend:
 
     name = "rapl"
     kind = "cpu"
+    host_wide = True
     method = "measured:rapl"
     resolution = RESOLUTION
 
