@@ -33,7 +33,7 @@ from tasks.multinode import NODE_DEPLOYMENT, first_node_on_host, node_record_pat
 from wattflow.config import PipelineConfig
 from wattflow.distributed import Rendezvous, launch_training
 from wattflow.energy import make_meter
-from wattflow.stages import StageResult
+from wattflow.stages import StageResult, metered_gpus
 
 
 @flow(name="wattflow-train-node")
@@ -42,7 +42,7 @@ def train_node(config: PipelineConfig, nnodes: int, node_rank: int, endpoint: st
     """One node of a multi-node training job: its torchrun inside this node's energy meter. Writes and
     returns the node record: the TrainOutput, the host, and the node's energy record."""
     logger = get_run_logger()
-    meter = make_meter(config.energy)
+    meter = make_meter(config.energy, metered_gpus(config, "train"))
     rendezvous = Rendezvous(nnodes=nnodes, node_rank=node_rank, endpoint=endpoint, run_id=run_id)
     # Nodes sharing a host share its slots: only the first to arrive takes them, or they would wait for each
     # other while the rendezvous waits for them all.

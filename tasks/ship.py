@@ -20,7 +20,7 @@ from wattflow.figures import comparison_csv, markdown_report, pareto_png
 from wattflow.promotion import previous_champion, promotion_decision, reevaluate
 from wattflow.registry import VERSION_PLACEHOLDER, registration
 from wattflow.select import Selection, select_for
-from wattflow.stages import StageResult, VariantFigures
+from wattflow.stages import StageResult, VariantFigures, metered_gpus
 from wattflow.tracking import Tracker
 from wattflow.workloads import workload_for
 
@@ -55,7 +55,7 @@ def previous_champion_row(cfg: PipelineConfig, run_dir: str) -> tuple[dict | Non
     if previous is None or previous.path is None:
         return None, "no current champion" if previous is None else previous.note
     try:
-        meter = make_meter(cfg.energy)
+        meter = make_meter(cfg.energy, metered_gpus(cfg, "evaluate"))
         with measured_slot(get_run_logger().info, host_wide=reads_host_counters(meter)):
             row = reevaluate(cfg, previous, Path(run_dir) / "previous", meter)
     except Exception as err:  # another workload's model, an unreadable file: it cannot be compared here

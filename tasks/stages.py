@@ -19,7 +19,7 @@ from pathlib import Path
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 from prefect.runtime import flow_run
-from prefect.utilities.annotations import quote
+from prefect.utilities.annotations import opaque, quote
 
 from tasks.concurrency import measured_slot, reads_host_counters
 from tasks.multinode import train_multinode
@@ -79,7 +79,7 @@ def train(cfg: PipelineConfig, out_dir: str) -> StageResult:
     if cfg.train.nnodes > 1:  # the node runs hold their own measured slots on their hosts
         return produced_here(train_multinode(cfg, cfg.train.nnodes, out_dir, rdzv_host=cfg.train.rdzv_host,
                                              log=logger.info))
-    meter = make_meter(cfg.energy)
+    meter = make_meter(cfg.energy, stages.metered_gpus(cfg, "train"))
     with measured_slot(logger.info, host_wide=reads_host_counters(meter)):
         return produced_here(stages.train_stage(cfg, Path(out_dir), meter, log))
 
@@ -88,7 +88,7 @@ def train(cfg: PipelineConfig, out_dir: str) -> StageResult:
       cache_key_fn=lambda _, p: step_cache_key(p["cfg"], p["planned"], p["source"].artifact.sha256))
 def compress(cfg: PipelineConfig, planned: PlannedStep, source: StageResult, out_dir: str) -> StageResult:
     """One step of a chain, on the trained model or the previous step's output."""
-    meter = make_meter(cfg.energy)
+    meter = make_meter(cfg.energy, stages.metered_gpus(cfg, "compress", planned.step))
     with measured_slot(get_run_logger().info, host_wide=reads_host_counters(meter)):
         return produced_here(stages.step_stage(cfg, planned, source, Path(out_dir), meter))
 
@@ -97,7 +97,7 @@ def compress(cfg: PipelineConfig, planned: PlannedStep, source: StageResult, out
 def evaluate(cfg: PipelineConfig, run_dir: str, variant: StageResult) -> VariantFigures:
     """Accuracy, sizes and the deployable of one variant; latency and energy come from `measure`, so this
     measures nothing and holds no measured-stage slot."""
-    return stages.evaluate_variant(cfg, variant, Path(run_dir) / "deploy", make_meter(cfg.energy), measure=False)
+    return stages.evaluate_variant(cfg, variant, Path(run_dir) / "deploy", make_meter(cfg.energy, []), measure=False)
 
 
 @task(name="measure", cache_policy=NO_CACHE)
@@ -105,7 +105,7 @@ def measure(cfg: PipelineConfig, run_dir: str, variants: list[StageResult],
             figures: list[VariantFigures]) -> list[VariantFigures]:
     """Latency and energy of every variant, round-robin across them in eval.rounds rounds (one slot held
     throughout), then every variant's figures recorded on its run."""
-    meter = make_meter(cfg.energy)
+    meter = make_meter(cfg.energy, stages.metered_gpus(cfg, "evaluate"))
     with measured_slot(get_run_logger().info, host_wide=reads_host_counters(meter)):
         complete = stages.measure_variants(cfg, variants, figures, meter)
     tracker = Tracker(journal_dir=run_dir)
@@ -137,17 +137,20 @@ class TrackedStages:
     def step(self, planned: PlannedStep, source: StageResult) -> StageResult:
         out_dir = str(Path(self.run_dir) / planned.step.kind)
         return self._record(planned.name, planned.step.kind,
-                            lambda: run_cached(compress, self.cfg, quote(planned), source, quote(out_dir)))
+                            lambda: run_cached(compress, self.cfg, quote(planned), opaque(source), quote(out_dir)))
 
     def skip(self, planned: PlannedStep, reason: str) -> None:
         get_run_logger().warning("skipping %s: %s", planned.name, reason)
         self.tracker.set_tag(self.parent, f"skipped.{planned.name}", reason)
 
+    # A stage result is an input by itself (`opaque`): Prefect links a task to results by id, and would otherwise
+    # walk into it and link any interned string there ("cpu") to whichever earlier result returned the same one.
     def evaluate(self, variant: StageResult) -> VariantFigures:
-        return evaluate(quote(self.cfg), quote(self.run_dir), variant)
+        return evaluate(quote(self.cfg), quote(self.run_dir), opaque(variant))
 
     def measure(self, variants: list[StageResult], figures: list[VariantFigures]) -> list[VariantFigures]:
-        return measure(quote(self.cfg), quote(self.run_dir), variants, figures)
+        return measure(quote(self.cfg), quote(self.run_dir), [opaque(v) for v in variants],
+                       [opaque(f) for f in figures])
 
     def progress(self, done: int, total: int, text: str) -> None:
         report("variants", done, total, text)

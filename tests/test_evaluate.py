@@ -165,7 +165,7 @@ def test_a_registered_runtime_is_used_by_every_measurement(cnn, tmp_path, monkey
     check then follow it with no other change (here a torch.export program runtime, written as a user would)."""
 
     class ExportedProgram(Runtime):
-        def predictor(self, path, threads=1, compile=True):
+        def predictor(self, path, threads=1, compile=True, device="cpu"):
             module = torch.export.load(str(path)).module()
             return lambda x: module(torch.from_numpy(x)).detach().numpy()
 

@@ -14,10 +14,13 @@ def test_gpu_check_runs_end_to_end_on_a_simulated_gpu(tmp_path, monkeypatch, cap
     assert result["method"] == "simulated:nvml"
     assert [r["window"] for r in result["rows"]] == ["train", "evaluate", "matmul-bf16", "lm-train",
                                                      "lm-generate-kv-cache"]
-    # the CUDA-only LM runtimes say why they did not run
+    # the CUDA-only LM runtimes and wattflow's torchao CUDA backends say why they did not run
     assert [line.split(":")[0] for line in result["not_run"]] == [
-        "lm-score-torchao-int8-weight-only", "lm-score-torchao-int4-weight-only", "lm-score-sparse-2"]
-    assert all("CUDA only" in line for line in result["not_run"])
+        "lm-score-torchao-int8-weight-only", "lm-score-torchao-int4-weight-only", "lm-score-sparse-2",
+        "torchao-int8-weight-only", "torchao-fp8"]
+    assert all("CUDA only" in line for line in result["not_run"][:3])
+    assert all("needs a CUDA GPU" in line for line in result["not_run"][3:])
+    assert result["torchao_cuda_smoke"] == []
     for row in result["rows"]:  # FakeNvml's counter and power agree, so the two readings must too
         assert row["counter_j"] > 0 and abs(row["relative_difference"]) < 0.05
 

@@ -101,6 +101,7 @@ def test_pipeline_logs_the_mlflow_contract(prefect_server, mlflow_uri, tmp_path,
         assert m["latency_b1_s"] > 0 and m["latency_b256_s"] > 0 and m["energy_per_1k_inferences_j"] > 0
         assert m["inferences_measured"] >= 2000
         assert child.data.tags["eval.energy_per_1k_inferences.method"] in ENERGY_METHODS
+        assert child.data.tags["eval.device"] == "cpu"   # every variant on one device: like with like
         assert m["param_count"] >= m["nonzero_params"] > 0 and m["size_lzma_bytes"] > 0 and m["dense_bytes"] > 0
         assert m["deployable_bytes"] > 0 and m["deployable_compression_ratio"] > 0
         assert m.get("deployable_identical", 1.0) == 1.0  # a packed artifact predicts exactly as its variant

@@ -41,8 +41,9 @@ class Recorder:
 
 def test_the_loop_runs_each_prefix_once_skips_what_cannot_run_and_measures_every_variant_together(monkeypatch):
     cfg = PipelineConfig(chains=["prune:0.5 -> onnx-int8-static", "prune:0.5 -> bf16", "distill:0.5 -> bf16"])
-    monkeypatch.setattr(QuantizeStep, "available", lambda self: (self.label() != "onnx-int8-static", "no ORT here"))
-    monkeypatch.setattr(DistillStep, "available", lambda self: (False, "no teacher here"))
+    monkeypatch.setattr(QuantizeStep, "available", lambda self, cfg: (self.label() != "onnx-int8-static",
+                                                                  "no ORT here"))
+    monkeypatch.setattr(DistillStep, "available", lambda self, cfg: (False, "no teacher here"))
     runner = Recorder()
     variants, figures, total = run_stages(cfg, runner)
 

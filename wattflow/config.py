@@ -231,6 +231,11 @@ class EvalConfig(_Section):
     repeats: int = Field(20, ge=1, le=10_000, description="Timed repeats per batch size (median kept).")
     warmup: int = Field(3, ge=0, le=1000, description="Untimed runs before timing.")
     threads: int = Field(1, ge=1, le=256, description="Inference threads.")
+    device: Literal["cpu", "cuda"] = Field(
+        "cpu", description="Where every variant is evaluated (accuracy, latency, energy per inference), so they "
+        "compare like with like. cpu: torch and ONNX variants; torchao's CUDA-only backends are skipped with the "
+        "reason. cuda: torch variants (torchao ones included) on cuda:0; ONNX variants are skipped (this "
+        "onnxruntime runs on the CPU only); an error before any work where no GPU is visible.")
     energy_inferences: int = Field(20_000, ge=1, le=10**8,
                                    description="At least this many inferences inside the energy window.")
     energy_min_window_s: float = Field(

@@ -104,17 +104,21 @@ def cuda_device_count() -> int:
     return torch.cuda.device_count() if torch.cuda.is_available() else 0
 
 
+def _no_cuda(field: str, instead: str) -> DeviceUnavailableError:
+    why = ("this torch build has no CUDA support" if torch.version.cuda is None
+           else f"CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', '(unset)')}")
+    return DeviceUnavailableError(f"{field}='cuda' but no CUDA GPU is visible on {socket.gethostname()} ({why}; "
+                                  f"torch {torch.__version__}); set {field} to {instead}, or run on a GPU worker")
+
+
 def check_device(cfg: PipelineConfig) -> str:
-    """The device training will use ("cuda" or "cpu"); raises DeviceUnavailableError for train.device="cuda"
-    where no GPU is visible. Cheap: call it in a preflight, before any expensive work."""
+    """The device training will use ("cuda" or "cpu"); raises DeviceUnavailableError for train.device or
+    eval.device "cuda" where no GPU is visible. Cheap: call it in a preflight, before any expensive work."""
     requested = cfg.train.device
     if requested == "cuda" and cuda_device_count() == 0:
-        why = ("this torch build has no CUDA support" if torch.version.cuda is None
-               else f"CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', '(unset)')}")
-        raise DeviceUnavailableError(
-            f"train.device='cuda' but no CUDA GPU is visible on {socket.gethostname()} ({why}; torch "
-            f"{torch.__version__}); set train.device to 'auto' (GPUs where present, else train.cpu_ranks Gloo "
-            "CPU ranks) or 'cpu', or run on a GPU worker")
+        raise _no_cuda("train.device", "'auto' (GPUs where present, else train.cpu_ranks Gloo CPU ranks) or 'cpu'")
+    if cfg.eval.device == "cuda" and cuda_device_count() == 0:
+        raise _no_cuda("eval.device", "'cpu'")
     if requested == "cpu":
         return "cpu"
     return "cuda" if cuda_device_count() > 0 else "cpu"

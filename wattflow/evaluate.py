@@ -21,13 +21,14 @@ import numpy as np
 from wattflow.runtimes import Predictor, runtime
 
 
-def load_predictor(path, fmt: str, threads: int = 1, compile: bool = True) -> Predictor:
-    """A predictor for the model at `path` run by the runtime `fmt` (`wattflow.runtimes`). A checkpoint (or
+def load_predictor(path, fmt: str, threads: int = 1, compile: bool = True, device: str = "cpu") -> Predictor:
+    """A predictor for the model at `path` run by the runtime `fmt` (`wattflow.runtimes`) on `device` ("cpu",
+    or "cuda": cuda:0; a runtime that cannot run there raises BackendUnavailable). A checkpoint (or
     .wfp) whose meta names a torchao config is quantized with it here and, when `compile`, wrapped in
     torch.compile and warmed up (seconds per model): its latency is that of the real torchao runtime, not of
     the fp32 weights it is stored as. Raises `wattflow.compress.quantize.BackendUnavailable` when that runtime
     cannot run on this machine."""
-    return runtime(fmt).predictor(path, threads, compile)
+    return runtime(fmt).predictor(path, threads, compile, device)
 
 
 def deployable_artifact(path, fmt: str, out_dir) -> tuple[str, str, int]:

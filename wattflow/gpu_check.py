@@ -7,9 +7,11 @@ same windows? Run it on a machine with an NVIDIA GPU:
 Windows: brief DDP training (torchrun, one rank per GPU), evaluation of the trained model, and a steady
 bf16 matmul load; then the language model (wattflow.zoo.gpt on the embedded corpus): DDP training (NCCL on
 GPUs), KV-cache generation at batch 1, the scoring pass with torchao int8 and int4 weight-only, and with 2:4
-sparse kernels (torchao semi-structured, compute capability >= 8.0). A window whose runtime cannot run here is
+sparse kernels (torchao semi-structured, compute capability >= 8.0). Then a smoke test of wattflow's own
+torchao CUDA backends (quantize, load as evaluation does, twice). A window whose runtime cannot run here is
 listed with the reason instead. Prints one row per window and GPU, writes bench/results/gpu_check.json, and
-exits 1 when a window with both readings disagrees by more than --tolerance (default 5%), 2 when there is no GPU.
+exits 1 when a window with both readings disagrees by more than --tolerance (default 5%) or a torchao backend
+disagrees with fp32 (top-1 < 0.9) or with itself across loads, 2 when there is no GPU.
 """
 
 from __future__ import annotations
@@ -155,6 +157,37 @@ def lm_windows(backend: NvmlBackend, device: str, tmp: str, seconds: float) -> t
     return rows, skipped
 
 
+def torchao_cuda_smoke(checkpoint: str, out_dir: str, device: str) -> tuple[list[dict], list[str]]:
+    """wattflow's own torchao CUDA backends end to end on the trained model: quantize (as a chain's last step
+    does), load through the runtime on `device` as evaluation does (re-quantized, compiled), and compare top-1
+    with the fp32 model; a second load must agree with the first within the stated tolerance (torch.compile may
+    pick other kernels). The second list says which backends could not run here and why."""
+    import numpy as np
+
+    from wattflow.compress.quantize import quantize_checkpoint
+    from wattflow.compress.torchao_backend import TORCHAO_BACKENDS
+    from wattflow.evaluate import load_predictor
+    from wattflow.stages import TORCHAO_CUDA_TOLERANCE
+
+    model, spec, meta = load_checkpoint(checkpoint)
+    x = np.random.default_rng(0).random((512, *input_signature(spec, meta)[0]), dtype=np.float32)
+    reference = load_predictor(checkpoint, "torch")(x).argmax(-1)
+    rows, skipped = [], []
+    for backend in (b for b, spec in TORCHAO_BACKENDS.items() if spec.needs_cuda):
+        try:
+            out = quantize_checkpoint(checkpoint, backend, out_dir, x[:64])
+            first = load_predictor(out.path, out.format, device=device)(x)
+            second = load_predictor(out.path, out.format, device=device)(x)
+        except Exception as err:  # an optional runtime: say why, keep the others
+            skipped.append(f"{backend}: {type(err).__name__}: {err}")
+            continue
+        rtol, atol = TORCHAO_CUDA_TOLERANCE
+        rows.append({"backend": backend, "top1_agreement_with_fp32": float((first.argmax(-1) == reference).mean()),
+                     "second_load_within_tolerance": bool(np.allclose(first, second, rtol=rtol, atol=atol)),
+                     "second_load_max_abs_difference": float(np.abs(first - second).max())})
+    return rows, skipped
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--fake", action="store_true", help="simulated GPU (FakeNvml); figures say simulated")
@@ -185,6 +218,8 @@ def main(argv: list[str] | None = None) -> int:
         rows += measure(backend, "matmul-bf16", matmul_load(device, args.seconds))
         lm_rows, skipped = lm_windows(backend, device, tmp, args.seconds)
         rows += lm_rows
+        smoke, smoke_skipped = torchao_cuda_smoke(out["ckpt"].checkpoint, tmp, device)
+        skipped += smoke_skipped
     method = "simulated:nvml" if args.fake else "measured:nvml"
     table = Table(title=f"GPU energy check ({method}): counter vs power integral, {device} workload")
     for col in ("window", "device", "duration_s", "counter_j", "power_integral_j", "difference", "avg_power_w"):
@@ -197,10 +232,16 @@ def main(argv: list[str] | None = None) -> int:
                       _num(r["power_integral_j"]), "unknown" if diff is None else f"{diff:+.2%}",
                       _num(r["avg_power_w"]))
     console.print(table)
+    for r in smoke:
+        bad |= r["top1_agreement_with_fp32"] < 0.9 or not r["second_load_within_tolerance"]
+        console.print(f"torchao {r['backend']} on {device}: top-1 agreement with fp32 "
+                      f"{r['top1_agreement_with_fp32']:.3f}; a second load within tolerance: "
+                      f"{r['second_load_within_tolerance']} (max |diff| {r['second_load_max_abs_difference']:.2e})")
     for line in skipped:
         console.print(f"[yellow]not run here: {line}[/yellow]")
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps({"method": method, "workload_device": device, "rows": rows, "not_run": skipped,
+                                   "torchao_cuda_smoke": smoke,
                                    "gpus": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
                                    if device == "cuda" else []}, indent=2))
     console.print(f"written to {RESULTS}")

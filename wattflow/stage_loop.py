@@ -16,7 +16,7 @@ from typing import Protocol
 from wattflow import stages
 from wattflow.chains import PlannedStep, plan
 from wattflow.config import PipelineConfig
-from wattflow.energy import EnergyResult, make_meter
+from wattflow.energy import EnergyMeter, EnergyResult, make_meter
 from wattflow.stages import StageResult, VariantFigures
 
 
@@ -40,7 +40,7 @@ def run_stages(cfg: PipelineConfig, runner: Stages) -> tuple[list[StageResult], 
         outputs: dict[tuple[str, ...], StageResult | None] = {(): trained}
         for done, planned in enumerate(steps, start=1):
             source = outputs[planned.parent]
-            ok, reason = planned.step.available() if source is not None else (False, "its input was skipped")
+            ok, reason = planned.step.available(cfg) if source is not None else (False, "its input was skipped")
             if not ok:
                 runner.skip(planned, reason)
             outputs[planned.key] = runner.step(planned, source) if ok else None
@@ -63,22 +63,25 @@ class BareStages:
     def __init__(self, cfg: PipelineConfig, run_dir: Path, log: Callable[[str], None] = lambda _: None):
         self.cfg, self.run_dir, self.log = cfg, Path(run_dir), log
 
+    def _meter(self, stage: str, step=None) -> EnergyMeter:
+        return make_meter(self.cfg.energy, stages.metered_gpus(self.cfg, stage, step))
+
     def train(self) -> StageResult:
-        return stages.train_stage(self.cfg, self.run_dir / "train", make_meter(self.cfg.energy), self.log)
+        return stages.train_stage(self.cfg, self.run_dir / "train", self._meter("train"), self.log)
 
     def step(self, planned: PlannedStep, source: StageResult) -> StageResult:
         return stages.step_stage(self.cfg, planned, source, self.run_dir / planned.step.kind,
-                                 make_meter(self.cfg.energy))
+                                 self._meter("compress", planned.step))
 
     def skip(self, planned: PlannedStep, reason: str) -> None:
         self.log(f"skipping {planned.name}: {reason}")
 
     def evaluate(self, variant: StageResult) -> VariantFigures:
-        return stages.evaluate_variant(self.cfg, variant, self.run_dir / "deploy", make_meter(self.cfg.energy),
+        return stages.evaluate_variant(self.cfg, variant, self.run_dir / "deploy", self._meter("evaluate"),
                                        measure=False)
 
     def measure(self, variants: list[StageResult], figures: list[VariantFigures]) -> list[VariantFigures]:
-        return stages.measure_variants(self.cfg, variants, figures, make_meter(self.cfg.energy))
+        return stages.measure_variants(self.cfg, variants, figures, self._meter("evaluate"))
 
     def progress(self, done: int, total: int, text: str) -> None:
         pass

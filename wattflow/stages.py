@@ -81,6 +81,8 @@ class VariantFigures(BaseModel):
     deployable_path: str | None = None
     deployable_runtime: str | None = None         # the runtime (wattflow.runtimes) that file runs on
     deployable_identical: bool | None = None      # None: the deployable is the file itself (nothing to check)
+    deployable_check: str | None = None           # how the deployable was compared: "exact", or the tolerance
+    eval_device: str | None = None                # where it was evaluated (eval.device): compare like with like
     tokens_per_sample: int | None = None          # language models: one inference scores a window of tokens
 
     @property
@@ -129,9 +131,13 @@ class VariantFigures(BaseModel):
     def mlflow_tags(self) -> dict[str, str]:
         tags = {"eval.energy_per_1k_inferences.method": self.energy_method,
                 "eval.energy_per_1k_inferences.flags": ",".join(self.energy_flags) or "none"}
+        if self.eval_device is not None:
+            tags["eval.device"] = self.eval_device
         if self.deployable_path is not None:
             tags["eval.deployable.path"] = self.deployable_path
             tags["eval.deployable.runtime"] = str(self.deployable_runtime)
+        if self.deployable_check is not None:
+            tags["eval.deployable.check"] = self.deployable_check
         return tags
 
 
@@ -223,9 +229,38 @@ def measure_variants(cfg: PipelineConfig, variants: list[StageResult], figures: 
                      meter: EnergyMeter) -> list[VariantFigures]:
     """`figures` (from `evaluate_variant(..., measure=False)`) completed with latency and energy measured
     round-robin across all the variants, each with the runtime it deploys on."""
-    predictors = {v.name: load_predictor(v.artifact.path, v.artifact.format, cfg.eval.threads) for v in variants}
+    predictors = {v.name: load_predictor(v.artifact.path, v.artifact.format, cfg.eval.threads,
+                                         device=cfg.eval.device) for v in variants}
     measured = measure_round_robin(cfg, predictors, timing_inputs(cfg), meter)
     return [f.model_copy(update=measured[v.name]) for v, f in zip(variants, figures, strict=True)]
+
+
+def metered_gpus(cfg: PipelineConfig, stage: str, step=None) -> list[int] | None:
+    """The CUDA ordinals a stage computes on, for its energy meter (None: every visible GPU): "train" (one rank
+    per visible GPU, or CPU ranks), "compress" (`step`: cuda:0 if it computes there), "evaluate" (eval.device).
+    A meter over GPUs a stage leaves idle would charge their idle draw to CPU-only work."""
+    if stage == "train":
+        from wattflow.distributed import check_device
+        return None if check_device(cfg) == "cuda" else []
+    if stage == "compress":
+        return [0] if step is not None and step.uses_cuda() else []
+    if stage == "evaluate":
+        return [0] if cfg.eval.device == "cuda" else []
+    raise ValueError(f"unknown stage {stage!r}; allowed: 'train', 'compress', 'evaluate'")
+
+
+# torchao on CUDA: each load re-quantizes and torch.compile may choose other kernels (split-K, autotuned tile
+# sizes) with another summation order, so two loads agree to float rounding, not bit for bit.
+TORCHAO_CUDA_TOLERANCE = (1e-3, 1e-4)   # (rtol, atol) on the scores
+
+
+def deployable_tolerance(variant: StageResult, device: str) -> tuple[float, float] | None:
+    """None where the deployable must predict bit for bit as the variant; (rtol, atol) for torchao on CUDA."""
+    backend = str(variant.params.get("backend", ""))
+    if not backend.startswith("torchao-"):
+        return None
+    from wattflow.compress.torchao_backend import device_for
+    return TORCHAO_CUDA_TOLERANCE if device_for(backend, device).type == "cuda" else None
 
 
 def evaluate_variant(cfg: PipelineConfig, variant: StageResult, deploy_dir: Path,
@@ -239,20 +274,24 @@ def evaluate_variant(cfg: PipelineConfig, variant: StageResult, deploy_dir: Path
     art = variant.artifact
     if sha256_file(art.path) != art.sha256:
         raise ValueError(f"{art.path} changed since its stage wrote it (sha256 mismatch)")
-    predict = load_predictor(art.path, art.format, cfg.eval.threads)
+    predict = load_predictor(art.path, art.format, cfg.eval.threads, device=cfg.eval.device)
     scores = workload.score(predict, test)
     measured = measure_round_robin(cfg, {variant.name: predict}, timing_inputs(cfg), meter)[variant.name] \
         if measure else {}
     sizes = size_metrics(art.path, art.format)
     deploy_path, deploy_format, deploy_bytes = deployable_artifact(art.path, art.format, deploy_dir)
-    identical = None
-    if deploy_path != art.path:  # another file ships (a .wfp): it must give exactly the variant's outputs
-        deployed = load_predictor(deploy_path, deploy_format, cfg.eval.threads)
-        identical = all(np.array_equal(deployed(xb), predict(xb)) for xb, _ in batches(test, 512))
+    identical = check = None
+    if deploy_path != art.path:  # another file ships (a .wfp): it must give the variant's outputs
+        deployed = load_predictor(deploy_path, deploy_format, cfg.eval.threads, device=cfg.eval.device)
+        tolerance = deployable_tolerance(variant, cfg.eval.device)
+        check = "exact" if tolerance is None else f"allclose rtol={tolerance[0]:g} atol={tolerance[1]:g}"
+        identical = all(np.array_equal(deployed(xb), predict(xb)) if tolerance is None
+                        else np.allclose(deployed(xb), predict(xb), rtol=tolerance[0], atol=tolerance[1])
+                        for xb, _ in batches(test, 512))
     return VariantFigures(scores=scores, test_samples=len(test), **measured,
                           param_count=sizes["param_count"], nonzero_params=sizes["nonzero_params"],
                           dense_bytes=sizes["dense_bytes"], size_bytes=sizes["file_bytes"],
                           size_lzma_bytes=sizes["lzma_bytes"], deployable_bytes=deploy_bytes,
                           deployable_path=deploy_path, deployable_runtime=deploy_format,
-                          deployable_identical=identical,
+                          deployable_identical=identical, deployable_check=check, eval_device=cfg.eval.device,
                           tokens_per_sample=workload.meta().get("tokens_per_sample"))

@@ -81,17 +81,18 @@ def available(backend: str) -> tuple[bool, str]:
     return True, f"torchao {torchao.__version__} on {device}"
 
 
-def device_for(backend: str) -> torch.device:
-    return torch.device("cuda", 0) if TORCHAO_BACKENDS[backend].needs_cuda else torch.device("cpu")
+def device_for(backend: str, device: str = "cpu") -> torch.device:
+    """Where `backend` runs when asked for `device` ("cpu" or "cuda"): cuda:0 for the CUDA-only backends."""
+    return torch.device("cuda", 0) if TORCHAO_BACKENDS[backend].needs_cuda or device == "cuda" else torch.device("cpu")
 
 
-def quantize_model(model: nn.Module, backend: str) -> tuple[nn.Module, int]:
+def quantize_model(model: nn.Module, backend: str, device: str = "cpu") -> tuple[nn.Module, int]:
     """(model moved to the backend's device, float32, with torchao's config applied in place; number of
     Linear layers quantized). The caller checks `available` first."""
     from torchao import quantization as tq
 
     spec = TORCHAO_BACKENDS[backend]
-    model = model.float().to(device_for(backend)).eval()
+    model = model.float().to(device_for(backend, device)).eval()
     if spec.min_capability is not None:  # torch._scaled_mm needs both dims divisible by 16
         def keep(m: nn.Module, _fqn: str) -> bool:
             return isinstance(m, nn.Linear) and m.in_features % 16 == 0 and m.out_features % 16 == 0
@@ -105,8 +106,8 @@ def quantize_model(model: nn.Module, backend: str) -> tuple[nn.Module, int]:
     return model, count
 
 
-def runtime(model: nn.Module, config: str, input_shape: int | list[int], compile: bool = True
-            ) -> tuple[nn.Module | object, torch.device]:
+def runtime(model: nn.Module, config: str, input_shape: int | list[int], compile: bool = True,
+            device: str = "cpu") -> tuple[nn.Module | object, torch.device]:
     """(callable, device): `model` (float32, from an fp32 checkpoint) with the torchao `config` re-applied,
     wrapped in torch.compile(dynamic=True) when `compile` and warmed up on batches of 1 and 2 rows, so
     compilation is paid here and not inside a timed or metered call. Falls back to eager (with a warning)
@@ -117,8 +118,10 @@ def runtime(model: nn.Module, config: str, input_shape: int | list[int], compile
     ok, reason = available(backend)
     if not ok:
         raise BackendUnavailable(f"{backend}: {reason}")
-    model, _ = quantize_model(model, backend)
-    device = device_for(backend)
+    if device == "cuda" and not torch.cuda.is_available():
+        raise BackendUnavailable(f"{backend}: device 'cuda' requested but torch sees no CUDA GPU")
+    model, _ = quantize_model(model, backend, device)
+    device = device_for(backend, device)
     if not compile:
         return model, device
     compiled = torch.compile(model, dynamic=True)

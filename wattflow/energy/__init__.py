@@ -59,9 +59,14 @@ def _no_gpu(backend: GpuBackend) -> str:
     return f"{backend.name}: no GPU visible (CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES')!r})"
 
 
+def _not_used(backend: GpuBackend) -> str:
+    return (f"{backend.name}: {backend.visible_count} GPU(s) not metered: this stage does not run on them, so their "
+            "idle draw is not charged to it")
+
+
 def _gpus_or_note(backend: GpuBackend, notes: list[str]) -> list[Backend]:
     if not backend.devices:
-        notes.append(_no_gpu(backend))
+        notes.append(_not_used(backend) if backend.visible_count else _no_gpu(backend))
         return []
     if backend.unmeasurable:
         # Kept in the meter: their figures say "unavailable" and why, rather than vanishing from the record.
@@ -70,25 +75,28 @@ def _gpus_or_note(backend: GpuBackend, notes: list[str]) -> list[Backend]:
 
 
 def _explicit_gpus(backend: GpuBackend) -> EnergyMeter:
-    if not backend.devices:
+    if not backend.visible_count:
         raise EnergyUnavailableError(_no_gpu(backend))
+    if not backend.devices:  # a stage on the CPU only: nothing this backend meters is in use
+        return EnergyMeter([], notes=(_not_used(backend),))
     if not backend.methods:
         raise EnergyUnavailableError(f"{backend.name}: cannot measure {backend.unmeasurable}")
     return EnergyMeter([backend], notes=(f"{backend.name}: cannot measure {backend.unmeasurable}",)
                        if backend.unmeasurable else ())
 
 
-def _auto(cfg: EnergyConfig) -> EnergyMeter:
+def _auto(cfg: EnergyConfig, gpus: list[int] | None) -> EnergyMeter:
     """NVIDIA GPUs, else AMD GPUs, each with the CPU; else a whole-chip SoC reading; else the CPU alone."""
     notes: list[str] = []
     for vendor in (NvmlBackend, AmdBackend):
         try:
-            gpus = _gpus_or_note(vendor(sample_period_s=cfg.power_sample_period_s), notes)
+            backend = vendor(sample_period_s=cfg.power_sample_period_s, cuda_ordinals=gpus)
         except EnergyUnavailableError as e:
             notes.append(str(e))
             continue
-        if gpus:
-            return EnergyMeter([*gpus, _cpu_backend(cfg, notes)], notes=tuple(notes))
+        if backend.visible_count:
+            return EnergyMeter([*_gpus_or_note(backend, notes), _cpu_backend(cfg, notes)], notes=tuple(notes))
+        notes.append(_no_gpu(backend))
     try:
         return EnergyMeter([SocBackend()], notes=tuple(notes))
     except EnergyUnavailableError as e:
@@ -96,19 +104,22 @@ def _auto(cfg: EnergyConfig) -> EnergyMeter:
     return EnergyMeter([_cpu_backend(cfg, notes)], notes=tuple(notes))
 
 
-def make_meter(cfg: EnergyConfig) -> EnergyMeter:
-    """The meter for `cfg.backend`. Explicit backends raise `EnergyUnavailableError` when they cannot
-    measure; "auto" falls back and records why in `meter.notes`."""
+def make_meter(cfg: EnergyConfig, gpus: list[int] | None = None) -> EnergyMeter:
+    """The meter for `cfg.backend` over the GPUs a stage runs on: `gpus` are CUDA ordinals (None: every visible
+    GPU; []: none, a CPU-only stage, which is then not charged the idle draw of the GPUs beside it). Explicit
+    backends raise `EnergyUnavailableError` when they cannot measure; "auto" falls back and records why in
+    `meter.notes`. fake-nvml's simulated GPU is metered in every stage (it stands in for the GPU path end to end).
+    """
     if cfg.backend == "auto":
-        return _auto(cfg)
+        return _auto(cfg, gpus)
     if cfg.backend == "cpu-time":
         return EnergyMeter([CpuTimeBackend(cfg.cpu_watts_per_core)])
     if cfg.backend == "rapl":
         return EnergyMeter([RaplBackend(rapl.DEFAULT_ROOT, cfg.rapl_poll_period_s)])
     if cfg.backend == "nvml":
-        return _explicit_gpus(NvmlBackend(sample_period_s=cfg.power_sample_period_s))
+        return _explicit_gpus(NvmlBackend(sample_period_s=cfg.power_sample_period_s, cuda_ordinals=gpus))
     if cfg.backend == "amdsmi":
-        return _explicit_gpus(AmdBackend(sample_period_s=cfg.power_sample_period_s))
+        return _explicit_gpus(AmdBackend(sample_period_s=cfg.power_sample_period_s, cuda_ordinals=gpus))
     if cfg.backend == "soc":
         return EnergyMeter([SocBackend()])
     if cfg.backend == "fake-nvml":

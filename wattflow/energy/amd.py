@@ -8,6 +8,7 @@ Zeus lists no processes per AMD GPU, so contention is not checked: every figure 
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable
 
@@ -18,7 +19,14 @@ from wattflow.energy.meter import EnergyUnavailableError
 def _zeus_amd_gpus() -> list:
     from zeus.device.gpu.amd import AMDGPUs, amdsmi_is_available
     from zeus.device.gpu.common import ZeusBaseGPUError
-    if not amdsmi_is_available():
+    amd_log = logging.getLogger("zeus.device.gpu.amd")
+    level = amd_log.level
+    amd_log.setLevel(logging.ERROR)  # on every host without ROCm Zeus warns that amdsmi cannot load: expected
+    try:
+        present = amdsmi_is_available()
+    finally:
+        amd_log.setLevel(level)
+    if not present:
         raise EnergyUnavailableError("AMD SMI: amdsmi or its library (ROCm) is not available")
     try:
         return list(AMDGPUs().gpus)
@@ -42,8 +50,12 @@ class AmdBackend(GpuBackend):
     cannot_tell_why = "Zeus lists no processes per AMD GPU"
 
     def __init__(self, gpus: list | None = None, simulated: bool = False,
-                 sample_period_s: float = DEFAULT_SAMPLE_PERIOD_S, clock: Callable[[], float] = time.monotonic):
+                 sample_period_s: float = DEFAULT_SAMPLE_PERIOD_S, clock: Callable[[], float] = time.monotonic,
+                 cuda_ordinals: list[int] | None = None):
         gpus = _zeus_amd_gpus() if gpus is None else gpus
+        self.visible_count = len(gpus)
+        if cuda_ordinals is not None:  # Zeus lists them in HIP's order: position is the ordinal
+            gpus = [gpus[k] for k in cuda_ordinals if 0 <= k < len(gpus)]
         devices = []
         for position, gpu in enumerate(gpus):
             index = getattr(gpu, "gpu_index", position)

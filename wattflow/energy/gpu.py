@@ -95,6 +95,20 @@ def probe(label: str, index: int, uuid: str, reader, unavailable: str = "") -> G
     return Gpu(label, index, uuid, reader, "", counter, power)
 
 
+def used_gpus(devices: list[Gpu], cuda_ordinals: list[int] | None) -> list[Gpu]:
+    """The GPUs a stage runs on, named by CUDA ordinal (None: every visible GPU). Matched by UUID where torch
+    has CUDA (CUDA may order GPUs otherwise than NVML), else by position among the visible devices (the order
+    of CUDA_VISIBLE_DEVICES, which is CUDA's)."""
+    if cuda_ordinals is None:
+        return devices
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.cuda.is_available():
+        wanted = {str(torch.cuda.get_device_properties(k).uuid).removeprefix("GPU-") for k in cuda_ordinals
+                  if k < torch.cuda.device_count()}
+        return [g for g in devices if g.uuid.removeprefix("GPU-") in wanted]
+    return [devices[k] for k in cuda_ordinals if 0 <= k < len(devices)]
+
+
 @dataclass
 class _Integral:
     """Running trapezoid integral of one GPU's power, from the samples taken so far."""
@@ -133,6 +147,7 @@ class GpuBackend:
 
     kind = "gpu"
     cannot_tell_why = "its processes could not be listed"
+    visible_count = 0   # GPUs of this vendor visible to the process, metered or not
 
     def __init__(self, name: str, devices: list[Gpu], method: str, power_method: str,
                  running_pids: Callable[[Gpu], set[int] | None] = _no_processes,

@@ -16,7 +16,7 @@ import time
 import weakref
 from collections.abc import Callable
 
-from wattflow.energy.gpu import DEFAULT_SAMPLE_PERIOD_S, Gpu, GpuBackend, probe
+from wattflow.energy.gpu import DEFAULT_SAMPLE_PERIOD_S, Gpu, GpuBackend, probe, used_gpus
 from wattflow.energy.meter import EnergyUnavailableError
 
 _MIG_ENABLE = 1             # NVML_DEVICE_MIG_ENABLE
@@ -110,11 +110,13 @@ class NvmlBackend(GpuBackend):
 
     `nvml` defaults to the real `pynvml` module, and `zeus_gpu(index)` to Zeus's `NVIDIAGPU`, which reads each
     GPU; pass a `FakeNvml` (with `simulated=True`) in tests, which also stands in for Zeus (`FakeNvml.zeus_gpu`)
-    unless `zeus_gpu` is given. Raises `EnergyUnavailableError` when NVML is missing or does not initialise.
+    unless `zeus_gpu` is given. `cuda_ordinals`: only the GPUs a stage runs on (None: every visible one).
+    Raises `EnergyUnavailableError` when NVML is missing or does not initialise.
     """
 
     def __init__(self, nvml=None, simulated: bool = False, sample_period_s: float = DEFAULT_SAMPLE_PERIOD_S,
-                 clock: Callable[[], float] = time.monotonic, zeus_gpu: Callable[[int], object] | None = None):
+                 clock: Callable[[], float] = time.monotonic, zeus_gpu: Callable[[int], object] | None = None,
+                 cuda_ordinals: list[int] | None = None):
         if nvml is None:
             try:
                 import pynvml as nvml
@@ -130,8 +132,11 @@ class NvmlBackend(GpuBackend):
             raise EnergyUnavailableError(f"NVML did not initialise: {e}") from e
         self.visible_env = os.environ.get("CUDA_VISIBLE_DEVICES")
         migs = mig_parents(nvml, handles) if self.visible_env and "MIG-" in self.visible_env else {}
-        devices = [probe(f"gpu:{i} {uuids[i]}", i, uuids[i], reader(i), _mig_reason(nvml, handles[i]))
+        visible = [Gpu(f"gpu:{i} {uuids[i]}", i, uuids[i], None)
                    for i in visible_indices(uuids, self.visible_env, migs)]
+        devices = [probe(g.label, g.index, g.uuid, reader(g.index), _mig_reason(nvml, handles[g.index]))
+                   for g in used_gpus(visible, cuda_ordinals)]
+        self.visible_count = len(visible)
         self._handles = {g.index: handles[g.index] for g in devices}
         prefix = "simulated" if simulated else "measured"
         super().__init__("nvml", devices, f"{prefix}:nvml", f"{prefix}:nvml-power", self._processes,

@@ -25,8 +25,9 @@ Param = tuple[np.ndarray, np.ndarray | int, int]  # (values, zero point broadcas
 class Runtime:
     """One way to run a model file; stateless (`runtime(name)` gives one)."""
 
-    def predictor(self, path, threads: int = 1, compile: bool = True) -> Predictor:
-        """A function from a batch of inputs to its scores, running the model at `path` on `threads` threads."""
+    def predictor(self, path, threads: int = 1, compile: bool = True, device: str = "cpu") -> Predictor:
+        """A function from a batch of inputs to its scores, running the model at `path` on `threads` threads on
+        `device` ("cpu" or "cuda"); raises `BackendUnavailable` when this runtime cannot run there."""
         raise NotImplementedError
 
     def params(self, path) -> list[Param]:

@@ -37,7 +37,10 @@ def _input_dtype(session) -> type:
 
 @RUNTIMES.register("onnx")
 class OnnxRuntime(Runtime):
-    def predictor(self, path, threads: int = 1, compile: bool = True) -> Predictor:
+    def predictor(self, path, threads: int = 1, compile: bool = True, device: str = "cpu") -> Predictor:
+        if device != "cpu":
+            from wattflow.compress.quantize import BackendUnavailable
+            raise BackendUnavailable(f"ONNX Runtime here runs on the CPU only, not on {device!r}")
         session = _session(path, threads)
         input_name, output_name = session.get_inputs()[0].name, session.get_outputs()[0].name
         dtype = _input_dtype(session)

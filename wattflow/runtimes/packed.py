@@ -9,8 +9,8 @@ from wattflow.runtimes.torch_eager import log_module, module_predictor, state_pa
 
 @RUNTIMES.register("packed")
 class Packed(Runtime):
-    def predictor(self, path, threads: int = 1, compile: bool = True) -> Predictor:
-        return module_predictor(*load_packed(path), threads, compile)
+    def predictor(self, path, threads: int = 1, compile: bool = True, device: str = "cpu") -> Predictor:
+        return module_predictor(*load_packed(path), threads, compile, device)
 
     def params(self, path) -> list[Param]:
         # The tensors as they load, at the source dtype: a grid-coded float32 weight counts 4 bytes dense.

@@ -29,17 +29,24 @@ class Float32IO(nn.Module):
 
 
 def module_predictor(model: nn.Module, spec: dict[str, Any], meta: dict[str, Any], threads: int,
-                     compile: bool) -> Predictor:
-    """Scores from a loaded module on CPU, or through the torchao runtime its meta names. Raises
-    `wattflow.compress.quantize.BackendUnavailable` when that runtime cannot run on this machine."""
+                     compile: bool, device: str = "cpu") -> Predictor:
+    """Scores from a loaded module on `device` ("cpu" or "cuda": cuda:0), through the torchao runtime its meta
+    names if any. Raises `wattflow.compress.quantize.BackendUnavailable` when it cannot run there."""
     torch.set_num_threads(threads)  # process-wide: torch has no per-model thread pool
     dtype = next(model.parameters()).dtype
-    device = torch.device("cpu")
     if meta.get("torchao"):
         from wattflow.compress.torchao_backend import runtime
 
-        model, device = runtime(model, str(meta["torchao"]), input_signature(spec, meta)[0], compile=compile)
+        model, where = runtime(model, str(meta["torchao"]), input_signature(spec, meta)[0], compile=compile,
+                               device=device)
         dtype = torch.float32
+    else:
+        where = torch.device("cuda", 0) if device == "cuda" else torch.device("cpu")
+        if where.type == "cuda" and not torch.cuda.is_available():
+            from wattflow.compress.quantize import BackendUnavailable
+            raise BackendUnavailable("device 'cuda' requested but torch sees no CUDA GPU")
+        model = model.to(where)
+    device = where
 
     def predict(x: np.ndarray) -> np.ndarray:
         xb = torch.from_numpy(np.ascontiguousarray(x))
@@ -76,8 +83,8 @@ def log_module(model: nn.Module, spec: dict[str, Any], meta: dict[str, Any]) -> 
 class TorchEager(Runtime):
     """Ships packed: the .wfp holds only what inference needs, and must predict exactly the same."""
 
-    def predictor(self, path, threads: int = 1, compile: bool = True) -> Predictor:
-        return module_predictor(*load_checkpoint(path), threads, compile)
+    def predictor(self, path, threads: int = 1, compile: bool = True, device: str = "cpu") -> Predictor:
+        return module_predictor(*load_checkpoint(path), threads, compile, device)
 
     def params(self, path) -> list[Param]:
         return state_params(torch.load(path, map_location="cpu", weights_only=True)["state_dict"])

@@ -57,9 +57,14 @@ class Step(BaseModel):
         """Raise ValueError (naming the step and the layer) when the step cannot apply to the trained model
         (`model`, freshly built; `kept`: its layers pruning never touches) — before any work starts."""
 
-    def available(self) -> tuple[bool, str]:
-        """(True, note) when it can run on this machine, else (False, why): the variant is then skipped."""
+    def available(self, cfg: PipelineConfig) -> tuple[bool, str]:
+        """(True, note) when it can run on this machine, and its variant on `cfg.eval.device`, else (False, why):
+        the variant is then skipped."""
         return True, ""
+
+    def uses_cuda(self) -> bool:
+        """Whether `run` computes on a GPU (cuda:0): its stage's meter then covers that GPU, else none."""
+        return False
 
     def run(self, cfg: PipelineConfig, source: StageResult, out_dir: Path, name: str
             ) -> tuple[Artifact, dict[str, Any], dict[str, float]]:

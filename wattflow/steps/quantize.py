@@ -50,10 +50,20 @@ class QuantizeStep(Step):
     def settings(self, cfg) -> dict[str, Any]:
         return {"quantize": cfg.quantize.model_dump()}
 
-    def available(self) -> tuple[bool, str]:
+    def available(self, cfg) -> tuple[bool, str]:
+        from wattflow.compress.backends import QUANT_BACKENDS
         from wattflow.compress.quantize import backend_available
 
+        devices = QUANT_BACKENDS.get(self.backend).devices
+        if cfg.eval.device not in devices:  # a variant measured elsewhere would compare devices, not compression
+            return False, (f"{self.backend} runs on {' or '.join(devices)} only, and every variant is evaluated on "
+                           f"eval.device={cfg.eval.device!r}: set eval.device to compare it like with like")
         return backend_available(self.backend)
+
+    def uses_cuda(self) -> bool:
+        from wattflow.compress.backends import QUANT_BACKENDS
+
+        return QUANT_BACKENDS.get(self.backend).devices == ("cuda",)  # quantized, and checked, on cuda:0
 
     def run(self, cfg, source, out_dir: Path, name: str):
         from wattflow.compress.quantize import quantize_checkpoint

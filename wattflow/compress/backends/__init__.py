@@ -38,6 +38,7 @@ class Backend:
     suffix: str                                 # appended to the source checkpoint's stem
     available: Callable[[], tuple[bool, str]]   # (True, note) or (False, why not)
     quantize: Quantize                          # (source checkpoint, out path, calibration inputs, note)
+    devices: tuple[str, ...] = ("cpu", "cuda")  # where its artifacts run: the eval.device values it can meet
 
 
 QUANT_BACKENDS: Registry[Backend] = Registry("quantization backend")

@@ -176,5 +176,8 @@ class _CalibrationReader:
         return next(self._batches, None)
 
 
-register(Backend("onnx-int8-static", ".int8-static.onnx", available, partial(quantize, "onnx-int8-static")))
-register(Backend("onnx-int8-dynamic", ".int8-dynamic.onnx", available, partial(quantize, "onnx-int8-dynamic")))
+# This onnxruntime has the CPU execution provider only.
+register(Backend("onnx-int8-static", ".int8-static.onnx", available, partial(quantize, "onnx-int8-static"),
+                 devices=("cpu",)))
+register(Backend("onnx-int8-dynamic", ".int8-dynamic.onnx", available, partial(quantize, "onnx-int8-dynamic"),
+                 devices=("cpu",)))

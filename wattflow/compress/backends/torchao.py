@@ -39,4 +39,5 @@ def quantize(backend: str, ckpt_path: Path, out_path: Path, calibration_x: np.nd
 
 for name, suffix in (("torchao-int8-dynamic", ".torchao-int8dyn.pt"),
                      ("torchao-int8-weight-only", ".torchao-int8wo.pt"), ("torchao-fp8", ".torchao-fp8.pt")):
-    register(Backend(name, suffix, partial(torchao_backend.available, name), partial(quantize, name)))
+    register(Backend(name, suffix, partial(torchao_backend.available, name), partial(quantize, name),
+                     devices=("cuda",) if torchao_backend.TORCHAO_BACKENDS[name].needs_cuda else ("cpu", "cuda")))
