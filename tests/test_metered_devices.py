@@ -6,9 +6,8 @@ from __future__ import annotations
 import pytest
 
 import wattflow.energy as energy
-from wattflow.config import PipelineConfig
 from wattflow.chains import plan
-from wattflow.config import EnergyConfig
+from wattflow.config import EnergyConfig, PipelineConfig
 from wattflow.energy import FakeNvml, NvmlBackend, make_meter
 from wattflow.stages import metered_gpus
 
