@@ -13,6 +13,11 @@ small sysfs read per zone per second.
 Resolution: the energy unit is not exposed in sysfs; readings are in µJ and the counters update about
 every 1 ms, so the below_resolution rule uses 1 µJ and 1 ms.
 Since Linux 5.10 (CVE-2020-8694) `energy_uj` is readable by root only; `available()` says so.
+
+Why not Zeus's RAPL reader (zeus 0.16.0, `zeus.device.cpu.rapl`), when GPUs and SoCs are read through Zeus: it
+takes every top-level zone as a CPU, psys included (the whole SoC: counted twice beside the package on client
+CPUs), and tracks wraps in one spawned process per counter that lives until the interpreter exits; this reader
+skips the duplicate zones and extends the counters in a thread only while a window is open.
 """
 
 from __future__ import annotations
