@@ -92,3 +92,23 @@ def test_compiled_runtime_matches_eager(checkpoints, tmp_path):
     eager = load_predictor(art.path, "torch", compile=False)(x)
     compiled = load_predictor(art.path, "torch")(x)
     assert float(np.mean(eager.argmax(1) == compiled.argmax(1))) >= 0.99
+
+
+def test_the_compiled_runtime_warms_up_a_language_model_on_token_ids(monkeypatch):
+    # Warming up on float zeros made compilation fail on an embedding, and the LM silently ran eager: slower
+    # than fp32 (measured: 196 vs 116 ms at batch 64; compiled, 49 ms).
+    from wattflow.zoo.gpt import GPT
+
+    seen = []
+
+    def fake_compile(model, dynamic):
+        def run(x):
+            seen.append(x.dtype)
+            return model(x)
+        return run
+
+    monkeypatch.setattr(torch, "compile", fake_compile)
+    model = GPT(vocab_size=11, block_size=8, n_layer=1, n_head=2, n_embd=16)
+    compiled, _ = torchao_backend.runtime(model, "Int8DynamicActivationInt8WeightConfig", [8],
+                                          input_dtype=torch.int64)
+    assert seen == [torch.int64, torch.int64] and compiled is not model

@@ -107,9 +107,10 @@ def quantize_model(model: nn.Module, backend: str, device: str = "cpu") -> tuple
 
 
 def runtime(model: nn.Module, config: str, input_shape: int | list[int], compile: bool = True,
-            device: str = "cpu") -> tuple[nn.Module | object, torch.device]:
+            device: str = "cpu", input_dtype: torch.dtype = torch.float32) -> tuple[nn.Module | object, torch.device]:
     """(callable, device): `model` (float32, from an fp32 checkpoint) with the torchao `config` re-applied,
-    wrapped in torch.compile(dynamic=True) when `compile` and warmed up on batches of 1 and 2 rows, so
+    wrapped in torch.compile(dynamic=True) when `compile` and warmed up on batches of 1 and 2 rows of
+    `input_dtype` (token ids for a language model: int64), so
     compilation is paid here and not inside a timed or metered call. Falls back to eager (with a warning)
     when compilation fails. Raises BackendUnavailable when the backend cannot run on this machine."""
     from wattflow.compress.quantize import BackendUnavailable
@@ -129,7 +130,7 @@ def runtime(model: nn.Module, config: str, input_shape: int | list[int], compile
         with torch.inference_mode():
             for rows in (1, 2):
                 shape = [input_shape] if isinstance(input_shape, int) else list(input_shape)
-                compiled(torch.zeros(rows, *shape, device=device))
+                compiled(torch.zeros(rows, *shape, device=device, dtype=input_dtype))
     except Exception as err:  # no C++ compiler, an inductor gap for this config...: eager still works
         log.warning("torch.compile failed for %s (%s); running it eager", backend, err)
         return model, device

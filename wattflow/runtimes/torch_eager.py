@@ -37,8 +37,9 @@ def module_predictor(model: nn.Module, spec: dict[str, Any], meta: dict[str, Any
     if meta.get("torchao"):
         from wattflow.compress.torchao_backend import runtime
 
-        model, where = runtime(model, str(meta["torchao"]), input_signature(spec, meta)[0], compile=compile,
-                               device=device)
+        shape, input_dtype = input_signature(spec, meta)
+        model, where = runtime(model, str(meta["torchao"]), shape, compile=compile, device=device,
+                               input_dtype=input_dtype)
         dtype = torch.float32
     else:
         where = torch.device("cuda", 0) if device == "cuda" else torch.device("cpu")
