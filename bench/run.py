@@ -18,6 +18,7 @@ from bench import (
     compression,
     ddp_scaling,
     language_model,
+    lm_int8,
     meter_overhead,
     orchestration,
     scale,
@@ -28,7 +29,7 @@ from bench.machine import machine
 
 BENCHES = {"orchestration": orchestration.run, "ddp_scaling": ddp_scaling.run, "meter_overhead": meter_overhead.run,
            "speed": speed.run, "compression": compression.run, "scale": scale.run,
-           "language_model": language_model.run, "stability": stability.run}
+           "language_model": language_model.run, "lm_int8": lm_int8.run, "stability": stability.run}
 RESULTS = Path(__file__).parent / "results"
 COLUMNS = ("row", "figure", "value", "target", "met")
 
