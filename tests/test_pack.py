@@ -225,3 +225,42 @@ def test_size_metrics_and_predictor_of_a_packed_file(ckpts, tmp_path):
     assert pruned["nonzero_params"] == pytest.approx(0.05 * n_weights + n_bias, abs=2)
     assert pruned["dense_bytes"] == 4 * pruned["param_count"]
     assert size_metrics(tmp_path / "pruned95+bf16.wfp", "packed")["dense_bytes"] == 2 * pruned["param_count"]
+
+
+@pytest.mark.parametrize("grid", [None, "kmeans-4bit"])
+def test_a_two_of_four_tensor_is_stored_as_two_values_and_its_pattern_per_group(tmp_path, grid):
+    from wattflow.compress.wanda import nm_mask
+
+    spec = {"kind": "mlp", "in_features": 64, "hidden": [256], "num_classes": 8}
+    model = build_model(spec)
+    with torch.no_grad():
+        for module, name in prunable_modules(model):
+            w = getattr(module, name)
+            w.mul_(nm_mask(w.abs(), 2, 4))
+    path = tmp_path / "semi.pt"
+    save_checkpoint(path, model, spec)
+    if grid:
+        path = quantize_checkpoint(path, grid, tmp_path, None).path
+    packed = tmp_path / "semi.wfp"
+    pack_checkpoint(path, packed)
+    assert encodings(packed)[0][1] == "2:4" and encodings(packed)[2][1] == "2:4"   # both weights; biases dense
+    state = load_checkpoint(path)[0].state_dict()
+    assert all(torch.equal(state[k], v) for k, v in read_packed(packed)[2].items())   # lossless
+    # smaller than the general sparse form (a uint8 gap per nonzero): one of 6 patterns per group of 4
+    w = state["net.0.weight"]
+    sizes = {row["sparse"]: len(pack._compress(b"".join(parts))) for row, parts in pack._candidates(w, None)
+             if row["enc"] == "raw"}
+    assert sizes["2:4"] < sizes[True]
+
+
+def test_a_two_of_four_group_with_fewer_nonzeros_keeps_a_zero_and_decodes_exactly():
+    w = torch.tensor([[0.0, 0.0, 0.0, 0.0, 1.5, 0.0, 0.0, -2.0, 0.0, 3.0, 0.0, 0.0]] * 2)
+    w[1, 1] = 0.25
+    claim = {"kind": "codebook", "centroids": [-2.0, 0.25, 1.5, 3.0]}
+    semi = [(row, parts) for row, parts in pack._candidates(w, claim) if row["sparse"] == "2:4"]
+    assert {row["enc"] for row, _ in semi} == {"raw", "codebook"}
+    for row, parts in semi:
+        decoded, _ = pack._decode({"dtype": "float32", **row, "shape": tuple(w.shape)}, parts)
+        assert torch.equal(decoded, w), row
+    assert pack._two_of_four((w != 0).reshape(-1).numpy(), torch.Size([2, 12])) is not None
+    assert pack._two_of_four(np.ones(8, bool), torch.Size([2, 4])) is None   # 4 of 4: not 2:4

@@ -15,7 +15,13 @@ Only what the spec cannot say is stored: the rows of "tensors" follow `build_mod
                                             sparse: code i is table[i] ("bits" per code)
 "sparse": true stores only the nonzero elements' values/codes plus a last part of uint8 gaps (zeros skipped
 before each nonzero; 255 = skip 255 zeros, no value), the flat positions of Deep Compression's relative
-indices with filler entries. Per tensor the smallest of the encodings that decode back to the same values
+indices with filler entries. "sparse": "2:4" (a tensor whose last dimension is a multiple of 4 with at most 2
+nonzeros in each group of 4 along it, as 2:4 semi-structured sparsity leaves it) stores exactly 2 values/codes
+per group (a zero where a group has fewer nonzeros) plus a last part naming, per group, which 2 of the 4
+positions are kept: one of 6 patterns, three groups to a byte (base 6), so log2(6) ≈ 2.6 bits per group —
+measured on a 512×512 2:4 weight, 21.5 KB of positions after lzma against 26.8 KB as gaps (the whole tensor
+1.1% smaller: its values dominate). A codebook over a 2:4 tensor codes its kept zeros as 0 ("zero": true)
+only where some group has fewer than 2 nonzeros. Per tensor the smallest of the encodings that decode back to the same values
 wins; a grid claimed in meta["weight_grid"] is only used when it reproduces every value (otherwise the
 tensor is stored raw and the claim is kept as written). Lossless: values are equal (torch.equal), which
 maps a pruned -0.0 to +0.0. No pickle: JSON and numpy buffers only.
@@ -37,6 +43,7 @@ from wattflow.models import atomic_write, build_model
 
 MAGIC = b"WFP\x01"  # the last byte is the format version
 SKIP = 255  # a gap entry that skips 255 zeros and carries no value
+PAIRS = np.array([(0, 1), (0, 2), (0, 3), (1, 2), (1, 3), (2, 3)])  # 2:4 pattern code -> the kept positions
 _GRID_FIELD = {"int8": "scales", "codebook": "centroids"}  # the bulky field stored as a binary part
 _DTYPES = {str(d).removeprefix("torch."): d for d in (
     torch.float32, torch.float64, torch.float16, torch.bfloat16, torch.int64, torch.int32, torch.int16,
@@ -139,9 +146,12 @@ def _candidates(t: torch.Tensor, claim: Any):
     flat = t.reshape(-1)
     mask = (flat != 0).numpy()
     sparse = not mask.all()
+    semi = _two_of_four(mask, t.shape)  # (kept mask, pattern part) where the tensor is 2:4 sparse, else None
     yield {"enc": "raw", "sparse": False}, [_planes(flat)]
     if sparse:
         yield {"enc": "raw", "sparse": True}, [_planes(flat[torch.from_numpy(mask)]), _gaps(mask)]
+    if semi is not None:
+        yield {"enc": "raw", "sparse": "2:4"}, [_planes(flat[torch.from_numpy(semi[0])]), semi[1]]
     if not isinstance(claim, dict) or claim.get("kind") not in _GRID_FIELD or not t.is_floating_point():
         return
     grid = _float32_list(claim.get(_GRID_FIELD[claim["kind"]]))
@@ -154,6 +164,8 @@ def _candidates(t: torch.Tensor, claim: Any):
             yield {"enc": "int8", "sparse": False}, [grid.tobytes(), codes.tobytes()]
             if sparse:
                 yield {"enc": "int8", "sparse": True}, [grid.tobytes(), codes[mask].tobytes(), _gaps(mask)]
+            if semi is not None:
+                yield {"enc": "int8", "sparse": "2:4"}, [grid.tobytes(), codes[semi[0]].tobytes(), semi[1]]
         return
     codes = _table_codes(values, grid)  # index into [0, *grid]
     if codes is not None and len(grid) < 256:
@@ -164,6 +176,12 @@ def _candidates(t: torch.Tensor, claim: Any):
             nonzero = codes[mask] - 1
             yield {"enc": "codebook", "sparse": True, "bits": bits}, [grid.tobytes(), _pack_bits(nonzero, bits),
                                                                     _gaps(mask)]
+        if semi is not None:
+            kept = codes[semi[0]]
+            zero = bool((kept == 0).any())  # kept zeros need code 0 for zero, as dense codes have
+            bits = _bits(len(grid) + zero)
+            yield ({"enc": "codebook", "sparse": "2:4", "bits": bits, "zero": zero},
+                   [grid.tobytes(), _pack_bits(kept if zero else kept - 1, bits), semi[1]])
 
 
 def _float32_list(values: Any) -> np.ndarray | None:
@@ -205,7 +223,10 @@ def _decode(row: dict[str, Any], parts: list[Part]) -> tuple[torch.Tensor, np.nd
     """(tensor, the grid stored in the parts or None for raw)."""
     dtype, shape = _DTYPES[row["dtype"]], tuple(row["shape"])
     numel = math.prod(shape)
-    mask = _positions_mask(parts[-1], numel) if row["sparse"] else None
+    if row["sparse"] == "2:4":
+        mask = _two_of_four_mask(parts[-1], numel)
+    else:
+        mask = _positions_mask(parts[-1], numel) if row["sparse"] else None
     count = numel if mask is None else int(mask.sum())
     grid = None
     if row["enc"] == "raw":
@@ -219,7 +240,8 @@ def _decode(row: dict[str, Any], parts: list[Part]) -> tuple[torch.Tensor, np.nd
             found = np.frombuffer(parts[1], np.int8).astype(np.float32) * scale
         else:
             codes = _unpack_bits(parts[1], row["bits"], count)
-            table = grid if mask is not None else np.concatenate([[np.float32(0)], grid])
+            zero_coded = mask is None or row.get("zero", False)  # code 0 is zero, code i is grid[i - 1]
+            table = np.concatenate([[np.float32(0)], grid]) if zero_coded else grid
             found = table[codes]
         values = torch.from_numpy(np.ascontiguousarray(found, np.float32)).to(dtype)
     if len(values) != count:
@@ -282,6 +304,36 @@ def _positions_mask(data: bytes, numel: int) -> np.ndarray:
     mask = np.zeros(numel, bool)
     mask[positions] = True
     return mask
+
+
+def _two_of_four(mask: np.ndarray, shape: torch.Size) -> tuple[np.ndarray, bytes] | None:
+    """(kept mask: exactly 2 per group of 4 along the last dimension, the nonzeros first; pattern codes packed
+    base 6) where every group holds at most 2 nonzeros, else None."""
+    if len(shape) < 1 or shape[-1] % 4 or mask.size == 0:
+        return None
+    groups = mask.reshape(-1, 4)
+    if (groups.sum(1) > 2).any():
+        return None
+    # Fill each group up to 2 kept positions with its first zeros: the order of keys puts nonzeros first.
+    order = np.argsort(~groups, axis=1, kind="stable")[:, :2]
+    order.sort(axis=1)
+    codes = (PAIRS[None, :, :] == order[:, None, :]).all(2).argmax(1)
+    kept = np.zeros_like(groups)
+    np.put_along_axis(kept, order, True, axis=1)
+    triples = np.concatenate([codes, np.zeros(-len(codes) % 3, codes.dtype)]).reshape(-1, 3)
+    return kept.reshape(-1), (triples @ np.array([36, 6, 1])).astype(np.uint8).tobytes()
+
+
+def _two_of_four_mask(data: bytes, numel: int) -> np.ndarray:
+    if numel % 4:
+        raise ValueError(f"a 2:4 tensor needs a multiple of 4 elements, got {numel}")
+    packed = np.frombuffer(data, np.uint8).astype(np.int64)
+    if len(packed) != -(-numel // 12) or (packed >= 216).any():
+        raise ValueError("2:4 pattern part of the wrong length, or a code out of range")
+    codes = np.stack([packed // 36, packed // 6 % 6, packed % 6], axis=1).reshape(-1)[:numel // 4]
+    kept = np.zeros((numel // 4, 4), bool)
+    np.put_along_axis(kept, PAIRS[codes], True, axis=1)
+    return kept.reshape(-1)
 
 
 def _bits(n_codes: int) -> int:
