@@ -22,8 +22,9 @@ positions are kept: one of 6 patterns, three groups to a byte (base 6), so log2(
 measured on a 512×512 2:4 weight, 21.5 KB of positions after lzma against 26.8 KB as gaps (the whole tensor
 1.1% smaller: its values dominate). A codebook over a 2:4 tensor codes its kept zeros as 0 ("zero": true)
 only where some group has fewer than 2 nonzeros.
-Per tensor the smallest of the encodings that decode back to the same values wins; a grid claimed in meta["weight_grid"] is only used when it reproduces every value (otherwise the
-tensor is stored raw and the claim is kept as written). Lossless: values are equal (torch.equal), which
+Per tensor the smallest of the encodings that decode back to the same values wins; a grid claimed in
+meta["weight_grid"] is only used when it reproduces every value (otherwise the tensor is stored raw and the
+claim is kept as written). Lossless: values are equal (torch.equal), which
 maps a pruned -0.0 to +0.0. No pickle: JSON and numpy buffers only.
 """
 
