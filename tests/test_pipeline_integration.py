@@ -243,6 +243,7 @@ def test_the_gpt_recipe_runs_every_chain_and_ships_a_model_that_returns_next_tok
     recipe["data"].update(path=str(tmp_path / "corpus.txt"), block_size=16, val_fraction=0.1, test_fraction=0.1)
     recipe["train"].update(epochs=1, cpu_ranks=2, model_kwargs={"n_layer": 2, "n_head": 4, "n_embd": 32})
     recipe["distill"].update(epochs=1, student_model_kwargs={"n_layer": 1, "n_head": 2, "n_embd": 16})
+    recipe["prune"].update(fine_tune_epochs=1, schedule_steps=1)
     recipe["chains"] = ["wanda:0.5", "magnitude:2:4", "channels:0.5", "distill -> onnx-int8-dynamic", "kmeans-4bit"]
     recipe["eval"].update(repeats=2, warmup=1, energy_inferences=64, energy_min_window_s=0.1)
     cfg = PipelineConfig.model_validate(recipe)
