@@ -284,3 +284,19 @@ def test_an_nvml_error_reaches_the_record_as_zeus_maps_it(monkeypatch):
     (gpu,) = w.result.devices
     assert (gpu.energy_j, gpu.method) == (None, "unavailable")
     assert "energy counter read failed: Not Supported" in gpu.note and "power read failed" in gpu.note
+
+
+def test_a_gpu_zeus_cannot_open_is_unavailable_with_the_reason_and_the_others_still_measure():
+    fake = FakeNvml(device_count=2)
+
+    def zeus_gpu(index):
+        if index == 0:
+            raise RuntimeError("GPU is lost")
+        return fake.zeus_gpu(index)
+
+    backend = NvmlBackend(fake, simulated=True, sample_period_s=NO_THREAD_POLLS_S, zeus_gpu=zeus_gpu)
+    with EnergyMeter([backend]).window("w") as w:
+        pass
+    lost, fine = w.result.devices
+    assert (lost.energy_j, lost.method) == (None, "unavailable") and "GPU is lost" in lost.note
+    assert fine.method == "simulated:nvml"

@@ -100,6 +100,16 @@ def _mig_reason(nvml, handle) -> str:
             "instances, so this process's share cannot be measured")
 
 
+def _open(reader: Callable[[int], object], index: int, unavailable: str) -> tuple[object, str]:
+    """(Zeus's reader of GPU `index`, why the GPU gives no figure: "" when it can)."""
+    if unavailable:
+        return None, unavailable
+    try:
+        return reader(index), ""
+    except Exception as e:  # one GPU Zeus cannot open must not take the meter (and the stage) down
+        return None, f"Zeus could not open this GPU: {type(e).__name__}: {e}"
+
+
 def _zeus_gpu(index: int):
     from zeus.device.gpu.nvidia import NVIDIAGPU
     return NVIDIAGPU(index)
@@ -134,7 +144,7 @@ class NvmlBackend(GpuBackend):
         migs = mig_parents(nvml, handles) if self.visible_env and "MIG-" in self.visible_env else {}
         visible = [Gpu(f"gpu:{i} {uuids[i]}", i, uuids[i], None)
                    for i in visible_indices(uuids, self.visible_env, migs)]
-        devices = [probe(g.label, g.index, g.uuid, reader(g.index), _mig_reason(nvml, handles[g.index]))
+        devices = [probe(g.label, g.index, g.uuid, *_open(reader, g.index, _mig_reason(nvml, handles[g.index])))
                    for g in used_gpus(visible, cuda_ordinals)]
         self.visible_count = len(visible)
         self._handles = {g.index: handles[g.index] for g in devices}

@@ -64,7 +64,10 @@ class SocBackend:
 
     def __init__(self, soc=None, simulated: bool = False):
         self._soc = _zeus_soc() if soc is None else soc
-        first = self._soc.get_total_energy_consumption()
+        try:
+            first = self._soc.get_total_energy_consumption()
+        except Exception as e:  # e.g. Jetson's polling process not answering: no figure, not a crash
+            raise EnergyUnavailableError(f"SoC: first reading failed: {type(e).__name__}: {e}") from e
         family = type(first).__name__
         if family not in _PARTS:
             raise EnergyUnavailableError(f"SoC: Zeus reports {family}, which wattflow does not map to parts")
