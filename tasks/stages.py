@@ -97,7 +97,7 @@ def compress(cfg: PipelineConfig, planned: PlannedStep, source: StageResult, out
 def evaluate(cfg: PipelineConfig, run_dir: str, variant: StageResult) -> VariantFigures:
     """Accuracy, sizes and the deployable of one variant; latency and energy come from `measure`, so this
     measures nothing and holds no measured-stage slot."""
-    return stages.evaluate_variant(cfg, variant, Path(run_dir) / "deploy", make_meter(cfg.energy, []), measure=False)
+    return stages.evaluate_variant(cfg, variant, Path(run_dir) / "deploy")
 
 
 @task(name="measure", cache_policy=NO_CACHE)

@@ -169,7 +169,7 @@ def torchao_cuda_smoke(checkpoint: str, out_dir: str, device: str) -> tuple[list
     from wattflow.evaluate import load_predictor
     from wattflow.stages import TORCHAO_CUDA_TOLERANCE
 
-    model, spec, meta = load_checkpoint(checkpoint)
+    _, spec, meta = load_checkpoint(checkpoint)
     x = np.random.default_rng(0).random((512, *input_signature(spec, meta)[0]), dtype=np.float32)
     reference = load_predictor(checkpoint, "torch")(x).argmax(-1)
     rows, skipped = [], []

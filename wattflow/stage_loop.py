@@ -77,8 +77,7 @@ class BareStages:
         self.log(f"skipping {planned.name}: {reason}")
 
     def evaluate(self, variant: StageResult) -> VariantFigures:
-        return stages.evaluate_variant(self.cfg, variant, self.run_dir / "deploy", self._meter("evaluate"),
-                                       measure=False)
+        return stages.evaluate_variant(self.cfg, variant, self.run_dir / "deploy")
 
     def measure(self, variants: list[StageResult], figures: list[VariantFigures]) -> list[VariantFigures]:
         return stages.measure_variants(self.cfg, variants, figures, self._meter("evaluate"))

@@ -227,7 +227,7 @@ def timing_inputs(cfg: PipelineConfig):
 
 def measure_variants(cfg: PipelineConfig, variants: list[StageResult], figures: list[VariantFigures],
                      meter: EnergyMeter) -> list[VariantFigures]:
-    """`figures` (from `evaluate_variant(..., measure=False)`) completed with latency and energy measured
+    """`figures` (from `evaluate_variant` without a meter) completed with latency and energy measured
     round-robin across all the variants, each with the runtime it deploys on."""
     predictors = {v.name: load_predictor(v.artifact.path, v.artifact.format, cfg.eval.threads,
                                          device=cfg.eval.device) for v in variants}
@@ -264,11 +264,11 @@ def deployable_tolerance(variant: StageResult, device: str) -> tuple[float, floa
 
 
 def evaluate_variant(cfg: PipelineConfig, variant: StageResult, deploy_dir: Path,
-                     meter: EnergyMeter, measure: bool = True) -> VariantFigures:
-    """Test accuracy, latency per batch size, energy per inference, every size definition, and the deployable
-    artifact (checked to predict exactly as the variant), measured with the runtime the variant deploys on,
-    one thread (cfg.eval.threads). `measure=False` leaves latency and energy out, for `measure_variants` to
-    measure round-robin across every variant."""
+                     meter: EnergyMeter | None = None) -> VariantFigures:
+    """Test accuracy, every size definition and the deployable artifact (checked to predict as the variant),
+    with the runtime the variant deploys on, one thread (cfg.eval.threads); with a `meter`, also latency per
+    batch size and energy per inference. Without one they are left out, for `measure_variants` to measure
+    round-robin across every variant."""
     workload = workload_for(cfg)
     test = workload.splits.test
     art = variant.artifact
@@ -277,7 +277,7 @@ def evaluate_variant(cfg: PipelineConfig, variant: StageResult, deploy_dir: Path
     predict = load_predictor(art.path, art.format, cfg.eval.threads, device=cfg.eval.device)
     scores = workload.score(predict, test)
     measured = measure_round_robin(cfg, {variant.name: predict}, timing_inputs(cfg), meter)[variant.name] \
-        if measure else {}
+        if meter is not None else {}
     sizes = size_metrics(art.path, art.format)
     deploy_path, deploy_format, deploy_bytes = deployable_artifact(art.path, art.format, deploy_dir)
     identical = check = None

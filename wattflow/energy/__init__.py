@@ -68,10 +68,13 @@ def _gpus_or_note(backend: GpuBackend, notes: list[str]) -> list[Backend]:
     if not backend.devices:
         notes.append(_not_used(backend) if backend.visible_count else _no_gpu(backend))
         return []
-    if backend.unmeasurable:
-        # Kept in the meter: their figures say "unavailable" and why, rather than vanishing from the record.
-        notes.append(f"{backend.name}: cannot measure {backend.unmeasurable}")
+    # Unmeasurable GPUs stay in the meter: their figures say "unavailable" and why, rather than vanishing.
+    notes.extend(_cannot_measure(backend))
     return [backend]
+
+
+def _cannot_measure(backend: GpuBackend) -> list[str]:
+    return [f"{backend.name}: cannot measure {backend.unmeasurable}"] if backend.unmeasurable else []
 
 
 def _explicit_gpus(backend: GpuBackend) -> EnergyMeter:
@@ -80,9 +83,8 @@ def _explicit_gpus(backend: GpuBackend) -> EnergyMeter:
     if not backend.devices:  # a stage on the CPU only: nothing this backend meters is in use
         return EnergyMeter([], notes=(_not_used(backend),))
     if not backend.methods:
-        raise EnergyUnavailableError(f"{backend.name}: cannot measure {backend.unmeasurable}")
-    return EnergyMeter([backend], notes=(f"{backend.name}: cannot measure {backend.unmeasurable}",)
-                       if backend.unmeasurable else ())
+        raise EnergyUnavailableError(*_cannot_measure(backend))
+    return EnergyMeter([backend], notes=tuple(_cannot_measure(backend)))
 
 
 def _auto(cfg: EnergyConfig, gpus: list[int] | None) -> EnergyMeter:

@@ -83,7 +83,8 @@ def probe(label: str, index: int, uuid: str, reader, unavailable: str = "") -> G
     counter = power = ""
     try:
         if not reader.supports_get_total_energy_consumption():
-            counter = "energy counter not supported on this GPU (NVML: needs Volta or newer)"
+            counter = ("energy counter not supported on this GPU (NVIDIA: before Volta; AMD: Zeus found it "
+                       "inaccurate at start-up)")
     except any_error as e:
         counter = f"energy counter support unknown: {e}"
     try:
