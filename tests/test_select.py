@@ -260,3 +260,15 @@ def test_overlapping_intervals_are_a_tie_broken_by_the_declared_order():
     rows[2]["energy_per_1k_inferences_j_hi"] = 0.01561  # disjoint now: the lower one wins on the figure
     rows[2]["energy_per_1k_inferences_j_lo"] = 0.0155
     assert select_champion(rows).champion == "prune-0.8+onnx-int8-static"
+
+
+def test_a_row_tied_with_the_best_but_beaten_outright_by_another_is_not_a_candidate():
+    # Overlap is not transitive (found by the property above): the baseline's 0.05 overlaps v1's [0.03, 0.05],
+    # but v3's exact 0.04 beats it beyond noise, so the baseline's smaller deployable must not win the tie.
+    rows = [baseline(0.85, 0.05, deploy=1_000),
+            {**row("v1", 0.85, 0.04, deploy=50_000), "energy_per_1k_inferences_j_lo": 0.03,
+             "energy_per_1k_inferences_j_hi": 0.05},
+            row("v3", 0.85, 0.04, deploy=60_000)]
+    sel = select_champion(rows, 0.0)
+    assert sel.champion == "v1"   # tied with v3 (both reach 0.04), and smaller
+    assert "with v3" in sel.reason and "train" not in sel.reason.split("Tied")[1]

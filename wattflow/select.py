@@ -12,8 +12,9 @@ A figure may be the string "unknown" (e.g. no energy counter): it is never repla
 - Champion: among rows within the accuracy budget of the baseline (accuracy known) whose objective is known,
   the lowest objective, unless others are tied with it (below). Where no variant besides the baseline
   qualifies, the baseline is the champion, and `reason` says why.
-- Noise: a row may carry a figure's 95% interval (`<figure>_lo`, `<figure>_hi`). Every eligible row whose
-  objective interval overlaps the lowest one's is tied with it, and the declared order `TIE_BREAK` picks among
+- Noise: a row may carry a figure's 95% interval (`<figure>_lo`, `<figure>_hi`). Every eligible row that no
+  eligible row beats beyond noise (its interval's low end is not above the lowest high end; such a row overlaps
+  the lowest one's interval too) is tied with it, and the declared order `TIE_BREAK` picks among
   them (smaller deployable, higher accuracy, simpler chain, table order); the reason names the tied rows and
   the rule that chose. A row without an interval counts as its point value.
 """
@@ -99,10 +100,6 @@ def interval(row: dict, figure: str) -> tuple[float, float] | None:
         return None
     lo, hi = row.get(f"{figure}_lo", UNKNOWN), row.get(f"{figure}_hi", UNKNOWN)
     return (lo, hi) if known(lo) and known(hi) else (value, value)
-
-
-def overlaps(a: tuple[float, float] | None, b: tuple[float, float] | None) -> bool:
-    return a is not None and b is not None and a[0] <= b[1] and b[0] <= a[1]
 
 
 TIE_BREAK = ("smaller deployable", "higher accuracy", "simpler chain", "table order")
@@ -193,9 +190,12 @@ def select_champion(rows: list[dict], accuracy_budget_points: float = 0.5,
     on_front = set(front)
     best = min(eligible, key=lambda i: (rows[i][objective], i not in on_front, _rank_key(rows[i], i, objective))
                ) if eligible else 0
-    # Within noise: every eligible row whose objective interval overlaps the best one's is tied with it, and the
-    # declared order decides among them (smaller deployable, then higher accuracy, then a simpler chain).
-    tied = [i for i in eligible if overlaps(interval(rows[i], objective), interval(rows[best], objective))]
+    # Within noise: every eligible row that no eligible row beats beyond noise (its interval's low end is not above
+    # the lowest high end) is tied with the best, and the declared order decides among them (smaller deployable,
+    # then higher accuracy, then a simpler chain). Overlapping the best alone is not enough: overlap is not
+    # transitive, and a row tied with the best can still be beaten outright by another.
+    lowest_hi = min((interval(rows[i], objective)[1] for i in eligible), default=None)
+    tied = [i for i in eligible if interval(rows[i], objective)[0] <= lowest_hi]
     champion = min(tied, key=lambda i: _tie_key(rows[i], i)) if len(tied) > 1 else best
     reason = _reason(rows, champion, eligible, in_budget, objective, accuracy_budget_points, perplexity_budget_percent)
     if len(tied) > 1:
