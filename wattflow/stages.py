@@ -198,8 +198,10 @@ def measure_round_robin(cfg: PipelineConfig, predictors: dict[str, Callable], x,
             n, want_n, want_s = 0, -(-e.energy_inferences // rounds), e.energy_min_window_s / rounds
             started = time.perf_counter()
             with meter.window(f"{name}/inference-{r + 1}") as w:
+                # One batch of 256 at a time: a language model's batch holds 256 x block_size tokens (about a
+                # second on a CPU core), so larger steps would overshoot the window many times over.
                 while n < want_n or time.perf_counter() - started < want_s:
-                    n += run_inferences(predict, x, 256 * 16)
+                    n += run_inferences(predict, x, 256)
             energy = w.result
             a["per_1k"].append(None if energy.energy_j is None else energy.energy_j / n * 1e3)
             a["n"] += n
