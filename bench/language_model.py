@@ -72,7 +72,9 @@ def run(quick: bool, results: Path) -> list[dict]:
     out: dict = {"row": "language_model", "machine": machine(), "recipe": str(RECIPE.relative_to(ROOT)),
                  "anchors": ANCHORS}
     with tempfile.TemporaryDirectory(prefix="wattflow-bench-lm-") as tmp:
+        started = time.perf_counter()
         rows = run_recipe(RECIPE, Path(tmp))
+        out["pipeline_wall_s"] = round(time.perf_counter() - started, 1)  # the whole flow run, as make run-flow
         ddp = {ranks: launch(lm_cfg(ranks, 1 if quick else 2), Path(tmp) / f"ddp-{ranks}") for ranks in (1, 2)}
         out["generation"] = generation_rates(ddp[1]["checkpoint"], 48 if quick else 192, 3 if quick else 7)
     by = {r["variant"]: r for r in rows}
