@@ -22,6 +22,9 @@ export PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW ?= ignore
 export MLFLOW_TRACKING_URI ?= sqlite:///$(STATE)/mlflow.db
 export PREFECT_HOME ?= $(STATE)/prefect
 
+# make test / test-fast: pytest-xdist workers (one compute thread each; tests/conftest.py).
+TEST_WORKERS ?= 2
+
 MLFLOW_PORT  ?= 5000
 PREFECT_PORT ?= 4200
 # make serve: the registered champion over HTTP (MLflow's model server), on loopback.
@@ -91,10 +94,10 @@ run-flow: setup state $(if $(and $(CONFIG),$(shell grep -l '$(EXAMPLE_IMAGES)' $
 	$(PY) -m flows $(if $(CONFIG),--config "$(CONFIG)")
 
 test: setup state
-	$(PY) -m pytest
+	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadgroup
 
 test-fast: setup state
-	$(PY) -m pytest -m "not integration" -q
+	$(PY) -m pytest -n $(TEST_WORKERS) -m "not integration" -q
 
 lint: setup
 	$(VENV)/bin/ruff check wattflow flows tasks tests bench examples

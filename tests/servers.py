@@ -1,6 +1,7 @@
 """Real servers and workers for tests, on loopback and free ports, each stopped by its process group.
 
-    with deployed_stack(tmp) as stack, process_worker(stack.worker_env, stack.pool, tmp / "worker.log"):
+    with prefect_server(tmp / "prefect", migrated_prefect_db(tmp / "db" / "prefect.db")) as prefect, \
+            deployed_stack(tmp, prefect) as stack, process_worker(stack.worker_env, stack.pool, tmp / "w.log"):
         ...
 
 Every process runs in its own session (process group), so stopping it also stops what it started (the
@@ -11,6 +12,7 @@ managers stop them in `finally`, also when the test fails.
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -86,42 +88,69 @@ class PrefectServer:
     log_path: Path
 
 
-def _prefect_cmd(root: Path, port: int) -> tuple[list[str], dict[str, str]]:
-    """A Prefect server (API and services, no UI), SQLite under `root`."""
-    env = {**os.environ, **HEADLESS, "PREFECT_HOME": str(root / "prefect-home"),
-           "PREFECT_API_DATABASE_CONNECTION_URL": f"sqlite+aiosqlite:///{root}/prefect.db",
-           "PREFECT_SERVER_UI_ENABLED": "false"}
+def migrated_prefect_db(path: Path) -> Path:
+    """A Prefect SQLite database at `path`, migrated to this Prefect's schema. Servers start on copies of it: a
+    server on a fresh database spends ~13 s of its start migrating it on 2 cores, on a copy ~1 s."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, **HEADLESS, "PREFECT_HOME": str(path.parent / "home"),
+           "PREFECT_SERVER_DATABASE_CONNECTION_URL": f"sqlite+aiosqlite:///{path}"}
     env.pop("PREFECT_API_URL", None)
-    return [str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)], env
-
-
-def _mlflow_cmd(root: Path, port: int) -> list[str]:
-    """An MLflow tracking server, one worker, artifacts proxied into `root`/mlartifacts."""
-    return [str(BIN / "mlflow"), "server", "--backend-store-uri", f"sqlite:///{root}/mlflow.db",
-            "--artifacts-destination", str(root / "mlartifacts"), "--host", "127.0.0.1", "--port", str(port),
-            "--workers", "1"]
+    done = subprocess.run([str(BIN / "prefect"), "server", "database", "upgrade", "-y"], env=env, cwd=PROJECT,
+                          capture_output=True, text=True, timeout=300)
+    if done.returncode != 0 or not path.is_file():
+        raise RuntimeError(f"migrating {path} failed ({done.returncode}):\n{done.stdout}\n{done.stderr}")
+    return path
 
 
 @contextmanager
-def servers(root: Path) -> Iterator[tuple[PrefectServer, str]]:
-    """Prefect and MLflow servers on free loopback ports, started side by side; yields (prefect, MLflow URI)."""
-    (root / "prefect").mkdir(parents=True, exist_ok=True)
-    (root / "mlflow").mkdir(parents=True, exist_ok=True)
-    prefect_port, mlflow_port = free_port(), free_port()
-    prefect_log, mlflow_log = root / "prefect" / "server.log", root / "mlflow" / "server.log"
-    cmd, env = _prefect_cmd(root / "prefect", prefect_port)
-    procs = [start(cmd, env, prefect_log)]
+def prefect_server(root: Path, db_template: Path) -> Iterator[PrefectServer]:
+    """A Prefect server (API and services, no UI) on a free loopback port, on a copy of `db_template`."""
+    root.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(db_template, root / "prefect.db")
+    port, log_path = free_port(), root / "server.log"
+    env = {**os.environ, **HEADLESS, "PREFECT_HOME": str(root / "prefect-home"),
+           "PREFECT_SERVER_DATABASE_CONNECTION_URL": f"sqlite+aiosqlite:///{root}/prefect.db",
+           "PREFECT_SERVER_UI_ENABLED": "false"}
+    env.pop("PREFECT_API_URL", None)
+    proc = start([str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)], env,
+                 log_path)
     try:
-        procs.append(start(_mlflow_cmd(root / "mlflow", mlflow_port), {**os.environ, **HEADLESS}, mlflow_log))
-        api_url, mlflow_uri = f"http://127.0.0.1:{prefect_port}/api", f"http://127.0.0.1:{mlflow_port}"
-        wait_healthy(f"{api_url}/health", procs[0], prefect_log)
-        wait_healthy(f"{mlflow_uri}/health", procs[1], mlflow_log)
-        client_env = {**os.environ, **HEADLESS, "PREFECT_HOME": str(root / "client-home"),
-                      "PREFECT_API_URL": api_url}
-        yield PrefectServer(api_url, client_env, prefect_log), mlflow_uri
+        api_url = f"http://127.0.0.1:{port}/api"
+        wait_healthy(f"{api_url}/health", proc, log_path)
+        client_env = {**os.environ, **HEADLESS, "PREFECT_HOME": str(root / "client-home"), "PREFECT_API_URL": api_url}
+        yield PrefectServer(api_url, client_env, log_path)
     finally:
-        for proc in procs:
-            stop(proc)
+        stop(proc)
+
+
+def start_mlflow_server(root: Path, port: int, db_template: Path | None = None) -> subprocess.Popen:
+    """An MLflow tracking server (one worker, artifacts proxied into `root`/mlartifacts) on loopback `port`, its
+    store `root`/mlflow.db (a copy of `db_template` when there is none yet); returns once /health answers."""
+    root.mkdir(parents=True, exist_ok=True)
+    if db_template is not None and not (root / "mlflow.db").exists():
+        shutil.copyfile(db_template, root / "mlflow.db")
+    log_path = root / "server.log"
+    env = {**os.environ, **HEADLESS, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}  # 5 job workers: CPU
+    proc = start([str(BIN / "mlflow"), "server", "--backend-store-uri", f"sqlite:///{root}/mlflow.db",
+                  "--artifacts-destination", str(root / "mlartifacts"), "--host", "127.0.0.1", "--port", str(port),
+                  "--workers", "1"], env, log_path)
+    try:
+        wait_healthy(f"http://127.0.0.1:{port}/health", proc, log_path)
+    except BaseException:
+        stop(proc)
+        raise
+    return proc
+
+
+@contextmanager
+def mlflow_server(root: Path, db_template: Path | None = None) -> Iterator[str]:
+    """`start_mlflow_server` on a free port, stopped on exit; yields its URI."""
+    port = free_port()
+    proc = start_mlflow_server(root, port, db_template)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        stop(proc)
 
 
 @contextmanager
@@ -181,10 +210,11 @@ class Stack:
 
 
 @contextmanager
-def deployed_stack(root: Path, pool: str = "test-gpu", names: list[str] | None = None) -> Iterator[Stack]:
-    """Prefect + MLflow servers, the process pool `pool`, and the deployments `names` (default: all) of
-    deployments/prefect.yaml, created with the CLI commands `make deploy` runs."""
-    with servers(root) as (prefect, mlflow_uri):
+def deployed_stack(root: Path, prefect: PrefectServer, pool: str = "test-gpu", names: list[str] | None = None,
+                   mlflow_db: Path | None = None) -> Iterator[Stack]:
+    """An MLflow server beside the Prefect server `prefect`, the process pool `pool`, and the deployments `names`
+    (default: all) of deployments/prefect.yaml, created with the CLI commands `make deploy` runs."""
+    with mlflow_server(root / "mlflow", mlflow_db) as mlflow_uri:
         prefect_cli(["work-pool", "create", pool, "--type", "process"], prefect.env)
         which = ["--all"] if names is None else [a for name in names for a in ("--name", name)]
         prefect_cli(["deploy", *which, "--prefect-file", "deployments/prefect.yaml"],

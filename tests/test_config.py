@@ -59,10 +59,11 @@ def test_cli_refuses_a_bad_recipe_before_any_work(tmp_path, monkeypatch, capsys)
 
 
 @pytest.mark.integration
-def test_make_run_flows_entry_refuses_a_bad_recipe_and_leaves_no_server_behind(tmp_path):
+def test_make_run_flows_entry_refuses_a_bad_recipe_and_leaves_no_server_behind(tmp_path, prefect_db):
     """`python -m flows` (make run-flow) starts Prefect's temporary server while it imports: a recipe refused
     meanwhile still exits 2 naming the field, and the server it started is stopped, not orphaned."""
     import os
+    import shutil
     import subprocess
     import sys
 
@@ -73,6 +74,8 @@ def test_make_run_flows_entry_refuses_a_bad_recipe_and_leaves_no_server_behind(t
     env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/mlflow.db",
            "PREFECT_HOME": str(tmp_path / "prefect")}
     env.pop("PREFECT_API_URL", None)
+    (tmp_path / "prefect").mkdir()
+    shutil.copyfile(prefect_db, tmp_path / "prefect" / "prefect.db")  # its server starts without migrating
     done = subprocess.run([sys.executable, "-m", "flows", "--config", str(recipe)], env=env, capture_output=True,
                           text=True, timeout=300, cwd=Path(__file__).resolve().parents[1])
     assert done.returncode == 2 and "train.lr" in done.stdout, done.stdout + done.stderr

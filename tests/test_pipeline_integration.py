@@ -1,4 +1,4 @@
-"""The real flow, end to end: a temporary Prefect server, a temporary MLflow SQLite store, two real
+"""The real flow, end to end: the test run's Prefect server, a temporary MLflow SQLite store, two real
 Gloo ranks under torchrun, real pruning, real ONNX Runtime int8. Then the store is read back."""
 
 from __future__ import annotations

@@ -7,15 +7,12 @@ from __future__ import annotations
 import logging
 import os
 import signal
-import socket
 import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
-import requests
 from mlflow.tracking import MlflowClient
+from servers import free_port, start_mlflow_server
 
 from wattflow.config import EnergyConfig
 from wattflow.energy import DeviceEnergy, EnergyResult
@@ -35,34 +32,6 @@ from wattflow.tracking import (
     record_evaluation,
     record_stage,
 )
-
-MLFLOW = str(Path(sys.executable).with_name("mlflow"))
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def start_server(store: Path, port: int) -> subprocess.Popen:
-    """An MLflow server in its own process group (stopped with `stop_server`), ready when /health answers."""
-    cmd = [MLFLOW, "server", "--backend-store-uri", f"sqlite:///{store}/mlflow.db", "--artifacts-destination",
-           str(store / "artifacts"), "--host", "127.0.0.1", "--port", str(port), "--workers", "1"]
-    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}  # its 5 job workers: a minute of CPU
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True, env=env)
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"mlflow server exited with {proc.returncode}")
-        try:
-            if requests.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
-                return proc
-        except requests.RequestException:
-            pass
-        time.sleep(0.5)
-    stop_server(proc)
-    raise RuntimeError("mlflow server did not answer /health within 120 s")
 
 
 def stop_server(proc: subprocess.Popen) -> None:
@@ -93,11 +62,11 @@ def checkpoint(tmp_path) -> Path:
 
 
 @pytest.mark.integration  # a real MLflow server, killed and restarted
-def test_writes_during_an_outage_are_synced_once_into_the_right_runs(tmp_path, checkpoint, caplog):
+def test_writes_during_an_outage_are_synced_once_into_the_right_runs(tmp_path, checkpoint, caplog, mlflow_db):
     store, run_dir, port = tmp_path / "store", tmp_path / "run", free_port()
     uri = f"http://127.0.0.1:{port}"
     energy_cfg = EnergyConfig()
-    server = start_server(store, port)
+    server = start_mlflow_server(store, port, mlflow_db)
     try:
         tracker = Tracker(uri, journal_dir=run_dir)
         exp = tracker.experiment_id("sync")
@@ -125,7 +94,7 @@ def test_writes_during_an_outage_are_synced_once_into_the_right_runs(tmp_path, c
         warnings = [r.getMessage() for r in caplog.records if "unreachable" in r.getMessage()]
         assert len(warnings) == 1 and uri in warnings[0] and f"python -m wattflow.sync {run_dir}" in warnings[0]
 
-        server = start_server(store, port)  # back, same store and port
+        server = start_mlflow_server(store, port)  # back, same store and port
         report = sync(run_dir, uri)
         assert report.runs_created == 2 and report.replayed["create_run"] == 2
         assert report.replayed["log_model"] == 1 and report.replayed["set_terminated"] == 3
