@@ -1,3 +1,7 @@
+import os
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 import torch
@@ -55,3 +59,24 @@ def test_unknown_model_kind_is_refused():
 def test_identical_weights_give_identical_checkpoint_bytes(tmp_path):
     model, spec = build_model(default_spec("mlp")), default_spec("mlp")
     assert save_checkpoint(tmp_path / "a.pt", model, spec) == save_checkpoint(tmp_path / "b.pt", model, spec)
+
+
+def test_ranks_read_the_digits_and_their_launchers_splits_without_importing_scikit_learn(tmp_path):
+    """A launcher saves its stratified splits (wattflow.distributed does, beside job.json); a process that finds
+    its split there splits nothing again and imports no scikit-learn, the digits read from its bundled copy."""
+    from sklearn.datasets import load_digits
+
+    from wattflow.data import SPLIT_INDICES_ENV, digits_arrays, save_split_indices, stratified_indices
+
+    x, y = digits_arrays()
+    bunch = load_digits()
+    assert np.array_equal(x, (bunch.data / 16.0).astype(np.float32)) and np.array_equal(y, bunch.target)
+    made = stratified_indices(y, 0.15, 0.2, 3, "digits")
+    save_split_indices(tmp_path / "splits.npz")
+    rank = ("import sys, numpy as np; from wattflow.data import load_splits; s = load_splits(seed=3); "
+            "print('sklearn' in sys.modules); np.save(sys.argv[1], s.test.y)")
+    env = {**os.environ, SPLIT_INDICES_ENV: str(tmp_path / "splits.npz")}
+    out = subprocess.run([sys.executable, "-c", rank, str(tmp_path / "test_y.npy")], env=env, text=True,
+                         capture_output=True, check=True).stdout.split()
+    assert out == ["False"]   # no scikit-learn imported
+    assert np.array_equal(np.load(tmp_path / "test_y.npy"), y[made[2]])  # the launcher's split

@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 
 from wattflow.config import FactoryRef, PipelineConfig
+from wattflow.data import SPLIT_INDICES_ENV, save_split_indices
 from wattflow.models import sha256_file
 from wattflow.workloads import workload_for
 
@@ -70,6 +71,7 @@ class TrainOutput:
 
 FATAL_FILE = "fatal.json"  # written by ranks that failed deterministically (see wattflow.train)
 STATE_FILE = "state.pt"    # the resumable training state
+SPLIT_INDICES_FILE = "split-indices.npz"  # the launcher's stratified splits, read by the ranks
 # Fault-injection switches read by the ranks, with their required keys.
 FAULT_SWITCHES = {"WATTFLOW_FAULT_KILL": ("rank", "epoch"), "WATTFLOW_FAULT_NAN": ("epoch",)}
 _FATAL_ERRORS = {cls.__name__: cls for cls in (TrainingError, NonFiniteLossError)}
@@ -250,6 +252,7 @@ def launch_training(cfg: PipelineConfig, out_dir: str | Path, log: Callable[[str
            "spec": workload_for(cfg).model_spec()}
     job_path = out_dir / "job.json"
     job_path.write_text(json.dumps(job, indent=2))
+    save_split_indices(out_dir / SPLIT_INDICES_FILE)  # the ranks split as this process did, without scikit-learn
 
     env = {**os.environ, "OMP_NUM_THREADS": str(cfg.train.threads_per_rank), "PYTHONUNBUFFERED": "1",
            # The agent's shared TCPStore keeps the dead attempt's keys: a restarted rank may read a dead peer's
@@ -257,7 +260,8 @@ def launch_training(cfg: PipelineConfig, out_dir: str | Path, log: Callable[[str
            "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1", **loopback_gloo_env(rendezvous),
            # CUDA numbers GPUs fastest first, NVML (the meter, the slots) in PCI order: on a host with mixed GPUs
            # the ranks would run on other GPUs than the ones measured. One order for both, unless the user set one.
-           "CUDA_DEVICE_ORDER": os.environ.get("CUDA_DEVICE_ORDER", "PCI_BUS_ID")}
+           "CUDA_DEVICE_ORDER": os.environ.get("CUDA_DEVICE_ORDER", "PCI_BUS_ID"),
+           SPLIT_INDICES_ENV: str(out_dir / SPLIT_INDICES_FILE)}
     cmd = torchrun_command(job_path, nproc, max_restarts=cfg.train.max_restarts, rendezvous=rendezvous)
     log(f"launching {nproc} {device} rank(s): {' '.join(cmd)}")
     returncode, tail, timed_out = run_torchrun(cmd, env, out_dir, cfg.train.timeout_s, log)

@@ -16,9 +16,8 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image
-from sklearn.datasets import load_digits
 
-from wattflow.data import ONE_PIXEL, UP_TO_TWO, shift_images
+from wattflow.data import ONE_PIXEL, UP_TO_TWO, digits_arrays, shift_images
 
 
 def write_digit_images(root: str | Path, *, mode: str = "RGB", size: int = 32, fmt: str = "png",
@@ -26,8 +25,7 @@ def write_digit_images(root: str | Path, *, mode: str = "RGB", size: int = 32, f
     """Write the digits as `root/<digit>/<index>.<fmt>` images; return how many were written."""
     if mode not in ("L", "RGB"):
         raise ValueError(f"mode must be L or RGB; got {mode!r}")
-    bunch = load_digits()
-    x, y = (bunch.data / 16.0).astype(np.float32), bunch.target
+    x, y = digits_arrays()
     if per_class is not None:
         keep = np.concatenate([np.flatnonzero(y == c)[:per_class] for c in range(10)])
         x, y = x[keep], y[keep]
