@@ -107,8 +107,14 @@ def mlflow_uri(tmp_path, monkeypatch, mlflow_db):
 
 @pytest.hookimpl(tryfirst=True)  # before pytest-xdist reads the groups
 def pytest_collection_modifyitems(items):
-    """Under pytest-xdist (make test runs two workers), the tests on the deployed stack share one worker, so
-    that its servers and deployments are made once."""
+    """Under pytest-xdist (make test runs two workers), tests that share an expensive fixture share a worker, so
+    that it is made once: those on the deployed stack, and those of a module with a module-scoped fixture (a
+    trained model, quantized files)."""
     for item in items:
-        if "stack" in getattr(item, "fixturenames", ()):
+        info = getattr(item, "_fixtureinfo", None)
+        if info is None:
+            continue
+        if "stack" in info.names_closure:
             item.add_marker(pytest.mark.xdist_group("stack"))
+        elif any(defs[-1].scope == "module" for defs in info.name2fixturedefs.values()):
+            item.add_marker(pytest.mark.xdist_group(item.module.__name__))
