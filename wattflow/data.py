@@ -204,9 +204,11 @@ def split_key(y: np.ndarray, val_fraction: float, test_fraction: float, seed: in
 def save_split_indices(path: str | os.PathLike) -> None:
     """This process's stratified splits, for the processes it launches (read back by `stratified_indices`)."""
     keys = sorted(_SPLIT_INDICES)
-    np.savez(path, keys=np.array(keys, dtype=str),
+    partial = Path(f"{path}.{os.getpid()}.partial.npz")  # renamed when whole: a reader never sees half a file
+    np.savez(partial, keys=np.array(keys, dtype=str),
              **{f"{part}{i}": _SPLIT_INDICES[key][j] for i, key in enumerate(keys)
                 for j, part in enumerate(("train", "val", "test"))})
+    os.replace(partial, path)
 
 
 def _launcher_split(key: str) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
