@@ -10,8 +10,7 @@ import torch
 from filelock import FileLock
 from helpers import train_briefly
 from mlflow.tracking import MlflowClient
-from servers import deployed_stack, migrated_prefect_db
-from servers import prefect_server as prefect_server_process
+from servers import deployed_stack, migrated_prefect_db, prefect_server_process
 
 from wattflow.models import default_spec, save_checkpoint
 

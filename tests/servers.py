@@ -1,6 +1,6 @@
 """Real servers and workers for tests, on loopback and free ports, each stopped by its process group.
 
-    with prefect_server(tmp / "prefect", migrated_prefect_db(tmp / "db" / "prefect.db")) as prefect, \
+    with prefect_server_process(tmp / "prefect", migrated_prefect_db(tmp / "db" / "prefect.db")) as prefect, \
             deployed_stack(tmp, prefect) as stack, process_worker(stack.worker_env, stack.pool, tmp / "w.log"):
         ...
 
@@ -103,7 +103,7 @@ def migrated_prefect_db(path: Path) -> Path:
 
 
 @contextmanager
-def prefect_server(root: Path, db_template: Path) -> Iterator[PrefectServer]:
+def prefect_server_process(root: Path, db_template: Path) -> Iterator[PrefectServer]:
     """A Prefect server (API and services, no UI) on a free loopback port, on a copy of `db_template`."""
     root.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(db_template, root / "prefect.db")
