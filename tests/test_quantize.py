@@ -1,3 +1,4 @@
+import contextlib
 import os
 
 import numpy as np
@@ -6,6 +7,7 @@ import onnxruntime as ort
 import pytest
 import torch
 
+from wattflow.compress.backends import onnx_int8
 from wattflow.compress.quantize import (
     BACKENDS,
     ONNX_INPUT,
@@ -69,14 +71,27 @@ def test_bf16_halves_the_checkpoint_and_agrees(checkpoints, tmp_path, kind):
     assert agree >= 0.97 and abs(acc_bf16 - acc_fp32) <= 0.02
 
 
-def test_export_onnx_is_one_quiet_deterministic_file_with_dynamic_batch(tmp_path, capfd):
+def test_export_onnx_is_one_quiet_deterministic_file_with_dynamic_batch(tmp_path, capfd, monkeypatch):
+    from torch.onnx._internal.exporter._registration import ONNXRegistry
+
     model = build_model(default_spec("cnn")).eval()
-    export_onnx(model, tmp_path / "a.onnx", 64)
+    monkeypatch.setattr(onnx_int8, "_torchlib_registry_built_once", contextlib.nullcontext)
+    export_onnx(model, tmp_path / "a.onnx", 64)  # torch's own path: an operator registry built per export
     out, _ = capfd.readouterr()
     assert out == ""  # the exporter's progress lines are off
-    export_onnx(model, tmp_path / "b.onnx", 64)
-    assert sorted(os.listdir(tmp_path)) == ["a.onnx", "b.onnx"]  # no external-data side files
-    assert (tmp_path / "a.onnx").read_bytes() == (tmp_path / "b.onnx").read_bytes()
+    monkeypatch.undo()
+    builds = []
+    build = ONNXRegistry.__dict__["from_torchlib"].__func__
+    counting = classmethod(lambda cls, *a, **kw: builds.append(1) or build(cls, *a, **kw))
+    monkeypatch.setattr(ONNXRegistry, "from_torchlib", counting)
+    onnx_int8._torchlib_registry.cache_clear()
+    for name in ("b.onnx", "c.onnx"):
+        export_onnx(model, tmp_path / name, 64)
+    assert len(builds) == 1  # wattflow's exports share one registry
+    assert ONNXRegistry.__dict__["from_torchlib"] is counting  # put back after each export
+    assert sorted(os.listdir(tmp_path)) == ["a.onnx", "b.onnx", "c.onnx"]  # no external-data side files
+    assert (tmp_path / "a.onnx").read_bytes() == (tmp_path / "b.onnx").read_bytes() == \
+        (tmp_path / "c.onnx").read_bytes()
     assert b"site-packages" not in (tmp_path / "a.onnx").read_bytes()  # no exporter stack traces
     session = ort.InferenceSession(str(tmp_path / "a.onnx"), providers=["CPUExecutionProvider"])
     assert [i.name for i in session.get_inputs()] == [ONNX_INPUT]

@@ -8,7 +8,9 @@ onnx/onnxruntime are imported lazily, so this module imports (and `available` an
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import functools
 import logging
 import tempfile
 import warnings
@@ -56,7 +58,7 @@ def export_onnx(model: nn.Module, path, input_shape: int | list[int], input_dtyp
     level = reg_log.level
     reg_log.setLevel(logging.ERROR)
     try:
-        with warnings.catch_warnings(), TORCH_EXPORT_LOCK:
+        with warnings.catch_warnings(), TORCH_EXPORT_LOCK, _torchlib_registry_built_once():
             warnings.simplefilter("ignore", FutureWarning)
             program = torch.onnx.export(model, example, None, input_names=[ONNX_INPUT],
                                         output_names=[ONNX_OUTPUT], dynamic_shapes=({0: batch},),
@@ -65,6 +67,31 @@ def export_onnx(model: nn.Module, path, input_shape: int | list[int], input_dtyp
         reg_log.setLevel(level)
     proto = _tidy(program.model_proto)
     atomic_write(path, lambda tmp: onnx.save_model(proto, tmp))
+
+
+@functools.cache
+def _torchlib_registry(build, *args, **kwargs):
+    return build(*args, **kwargs)
+
+
+@contextlib.contextmanager
+def _torchlib_registry_built_once():
+    """torch.onnx.export rebuilds its operator registry from torchlib on every call (1.2 of the 1.9 s an export of
+    the digits MLP takes here: it parses ~500 functions' source); within this block it is built once per process
+    and opset. An export only reads the registry (torch adds to it only for a custom_translation_table, which
+    wattflow never passes). Used under TORCH_EXPORT_LOCK; a torch without this private hook exports as before."""
+    try:
+        from torch.onnx._internal.exporter._registration import ONNXRegistry
+        original = ONNXRegistry.__dict__["from_torchlib"]
+    except (ImportError, KeyError):
+        yield
+        return
+    build = original.__get__(None, ONNXRegistry)
+    ONNXRegistry.from_torchlib = classmethod(lambda cls, *args, **kwargs: _torchlib_registry(build, *args, **kwargs))
+    try:
+        yield
+    finally:
+        ONNXRegistry.from_torchlib = original
 
 
 def _tidy(proto):
