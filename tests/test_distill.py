@@ -7,21 +7,15 @@ import pytest
 import torch
 
 from wattflow.compress.distill import distill_checkpoint, distillation_loss
-from wattflow.compress.prune import fine_tune
 from wattflow.config import DistillConfig
 from wattflow.data import load_splits
-from wattflow.models import build_model, default_spec, load_checkpoint, save_checkpoint
+from wattflow.models import default_spec, load_checkpoint
 
 
-@pytest.fixture(scope="module")
-def teacher(tmp_path_factory):
-    """CNN (default spec), 15 epochs of plain single-process SGD: about 97-98 % on val and test."""
-    torch.manual_seed(0)
-    spec = default_spec("cnn")
-    model = build_model(spec)
-    fine_tune(model, load_splits().train, epochs=15, lr=0.05, batch_size=32, seed=0)
-    path = tmp_path_factory.mktemp("teacher") / "teacher.pt"
-    return path, save_checkpoint(path, model, spec)
+@pytest.fixture
+def teacher(sgd_trained):
+    """The CNN (default spec) after 15 epochs of plain single-process SGD: about 97-98 % on val and test."""
+    return sgd_trained["cnn"]
 
 
 def test_distillation_loss_matches_a_hand_computation():
@@ -46,6 +40,8 @@ def test_distillation_loss_matches_a_hand_computation():
     # a batch is averaged per sample ("batchmean"), not per logit
     batch = torch.tensor([s, s]), torch.tensor([t, t]), torch.tensor([label, label])
     assert distillation_loss(*batch, 2.0, 0.5).item() == pytest.approx(distillation_loss(*args, 2.0, 0.5).item())
+    # at alpha 0 the teacher is not needed: training from scratch on the same schedule
+    assert distillation_loss(args[0], None, args[2], 2.0, 0.0).item() == pytest.approx(ce, rel=1e-6)
 
 
 def test_distilled_student_beats_the_same_student_trained_from_scratch(teacher, tmp_path):

@@ -30,19 +30,22 @@ class DistillOutput:
     val_teacher_agreement: float = float("nan")  # share of val samples where student and teacher agree
 
 
-def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor,
+def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor | None, labels: torch.Tensor,
                       temperature: float, alpha: float) -> torch.Tensor:
-    """alpha * KL(softmax(t/T) || softmax(s/T)) * T^2 + (1 - alpha) * CE(s, labels).
+    """alpha * KL(softmax(t/T) || softmax(s/T)) * T^2 + (1 - alpha) * CE(s, labels); at alpha 0 the teacher's logits
+    may be None (the loss is the cross-entropy alone).
 
     The soft term's gradients scale as 1/T^2; multiplying by T^2 keeps its weight against the hard term
     unchanged when T changes."""
     t = temperature
     # Scores on the last axis: [N, classes] per sample, or [N, T, vocab] per token (averaged over tokens).
     student_logits = student_logits.reshape(-1, student_logits.shape[-1])
+    hard = F.cross_entropy(student_logits, labels.reshape(-1))
+    if alpha == 0:
+        return hard
     teacher_logits = teacher_logits.reshape(-1, teacher_logits.shape[-1])
     soft = F.kl_div(F.log_softmax(student_logits / t, dim=1), F.log_softmax(teacher_logits / t, dim=1),
                     reduction="batchmean", log_target=True) * (t * t)
-    hard = F.cross_entropy(student_logits, labels.reshape(-1))
     return alpha * soft + (1.0 - alpha) * hard
 
 
@@ -73,15 +76,20 @@ def distill_checkpoint(teacher_ckpt: str | Path, out_path: str | Path, student_s
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, len(train_batches), total))
     teacher_dtype = next(teacher.parameters()).dtype
     student.train()
+    shapes_checked = False
     for _ in range(epochs):
         for xb, yb in train_batches:
-            with torch.inference_mode():
-                tb = teacher(xb.to(teacher_dtype) if xb.is_floating_point() else xb).float()
             out = student(xb)
-            if out.shape != tb.shape:
-                raise ValueError(f"the student's output {list(out.shape)} does not match the teacher's "
-                                 f"{list(tb.shape)}: build the student for the same classes")
-            loss = distillation_loss(out, tb.clone(), yb, temperature, alpha)
+            tb = None
+            if alpha > 0 or not shapes_checked:  # at alpha 0 (training from scratch) the loss never reads the teacher
+                with torch.inference_mode():
+                    tb = teacher(xb.to(teacher_dtype) if xb.is_floating_point() else xb).float()
+                tb = tb.clone()  # outside inference mode: autograd may save it for the backward pass
+                if out.shape != tb.shape:
+                    raise ValueError(f"the student's output {list(out.shape)} does not match the teacher's "
+                                     f"{list(tb.shape)}: build the student for the same classes")
+                shapes_checked = True
+            loss = distillation_loss(out, tb, yb, temperature, alpha)
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"distillation loss became {loss.item()}; lower distill.lr (now {lr})")
             optimizer.zero_grad(set_to_none=True)
