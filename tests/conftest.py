@@ -4,15 +4,15 @@ import os
 import shutil
 from pathlib import Path
 
+import helpers
 import mlflow
 import pytest
 import torch
-from filelock import FileLock
-from helpers import train_briefly
+from helpers import made_once_per_run, train_briefly
 from mlflow.tracking import MlflowClient
 from servers import deployed_stack, migrated_prefect_db, prefect_server_process
 
-from wattflow.models import default_spec, save_checkpoint
+from wattflow.models import build_model, default_spec, save_checkpoint, sha256_file
 
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("DO_NOT_TRACK", "true")
@@ -24,34 +24,46 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 
-@pytest.fixture(scope="session")
-def checkpoints(tmp_path_factory):
-    """kind -> fp32 checkpoint path of a briefly trained CNN and MLP."""
-    root = tmp_path_factory.mktemp("ckpt")
-    paths = {}
-    for kind in ("cnn", "mlp"):
-        paths[kind] = root / f"{kind}.pt"
-        save_checkpoint(paths[kind], train_briefly(kind), default_spec(kind))
-    return paths
-
-
-def made_once_per_run(tmp_path_factory, name: str, make) -> Path:
-    """`make(path)` once per test run, shared by pytest-xdist's workers (they share the run's temporary root)."""
+@pytest.fixture(scope="session", autouse=True)
+def run_dir(tmp_path_factory) -> Path:
+    """The run's temporary root, which pytest-xdist's workers share: what is made once per run lives there."""
     root = tmp_path_factory.getbasetemp()
-    if os.environ.get("PYTEST_XDIST_WORKER"):
-        root = root.parent
-    path = root / "templates" / name
-    path.parent.mkdir(exist_ok=True)
-    with FileLock(f"{path}.lock"):
-        if not path.exists():
-            make(path)
-    return path
+    helpers.RUN_DIR = root.parent if os.environ.get("PYTEST_XDIST_WORKER") else root
+    return helpers.RUN_DIR
 
 
 @pytest.fixture(scope="session")
-def prefect_db(tmp_path_factory):
+def checkpoints():
+    """kind -> fp32 checkpoint path of a briefly trained CNN and MLP (made once per run: tests only read them)."""
+    return {kind: made_once_per_run(f"briefly-{kind}.pt", lambda path, kind=kind: save_checkpoint(
+        path, train_briefly(kind), default_spec(kind))) for kind in ("cnn", "mlp")}
+
+
+@pytest.fixture(scope="session")
+def sgd_trained():
+    """kind -> (path, sha256) of a CNN and an MLP (default specs) after 15 epochs of plain single-process SGD:
+    > 95 % test accuracy. Made once per run; tests only read them."""
+    from wattflow.compress.prune import fine_tune
+    from wattflow.data import load_splits
+
+    def train(path: Path, kind: str) -> None:
+        splits = load_splits()
+        torch.manual_seed(0)
+        model = build_model(default_spec(kind))
+        fine_tune(model, splits.train, epochs=15, lr=0.05, batch_size=32, seed=0)
+        with torch.inference_mode():
+            assert (model.eval()(torch.from_numpy(splits.test.x)).argmax(1).numpy() == splits.test.y).mean() > 0.95
+        save_checkpoint(path, model, default_spec(kind))
+
+    paths = {kind: made_once_per_run(f"sgd-{kind}.pt", lambda path, kind=kind: train(path, kind))
+             for kind in ("cnn", "mlp")}
+    return {kind: (path, sha256_file(path)) for kind, path in paths.items()}
+
+
+@pytest.fixture(scope="session")
+def prefect_db():
     """A Prefect database migrated once per run; each Prefect server starts on a copy (~13 s less each)."""
-    return made_once_per_run(tmp_path_factory, "prefect.db", migrated_prefect_db)
+    return made_once_per_run("prefect.db", migrated_prefect_db)
 
 
 @pytest.fixture(scope="session")
@@ -86,9 +98,9 @@ def stack(tmp_path_factory, prefect_api, mlflow_db):
 
 
 @pytest.fixture(scope="session")
-def mlflow_db(tmp_path_factory):
+def mlflow_db():
     """An MLflow SQLite store created once per run (its migrations take ~1.5 s); each test gets a copy."""
-    return made_once_per_run(tmp_path_factory, "mlflow.db",
+    return made_once_per_run("mlflow.db",
                              lambda path: MlflowClient(f"sqlite:///{path}").search_experiments())
 
 

@@ -1,11 +1,15 @@
-"""Shared test helpers: a model trained just enough to make accuracies meaningful."""
+"""Shared test helpers: a model trained just enough to make accuracies meaningful, made once per test run."""
 
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
+from collections.abc import Callable
+from pathlib import Path
 
 import torch
+from filelock import FileLock
 from torch import nn
 
 from wattflow.data import load_splits
@@ -30,17 +34,36 @@ def fit(model: nn.Module, steps: int = 400, lr: float = 3e-3, seed: int | None =
     return model.eval()
 
 
-_TRAINED: dict[str, dict] = {}  # one training per (spec, steps, seed) per test session
+RUN_DIR: Path | None = None  # the directory a run's pytest-xdist workers share (set by conftest.py)
+
+
+def made_once_per_run(name: str, make: Callable[[Path], object]) -> Path:
+    """`make(path)` once per test run, shared by pytest-xdist's workers; `make` writes `path` whole or not at all."""
+    path = RUN_DIR / "templates" / name
+    path.parent.mkdir(exist_ok=True)
+    with FileLock(f"{path}.lock"):
+        if not path.exists():
+            make(path)
+    return path
+
+
+_TRAINED: dict[str, dict] = {}  # this worker's copies of the run's trainings
 
 
 def train_briefly(kind_or_spec: str | dict, steps: int = 400, seed: int = 0) -> nn.Module:
     """A freshly initialised model (seeded) after a few hundred steps: > 0.9 test accuracy on digits. Trained
-    once per session for each (spec, steps, seed); every call returns its own copy."""
+    once per test run for each (spec, steps, seed); every call returns its own copy."""
     spec = default_spec(kind_or_spec) if isinstance(kind_or_spec, str) else kind_or_spec
     key = json.dumps([spec, steps, seed], sort_keys=True)
     if key not in _TRAINED:
-        torch.manual_seed(seed)  # one stream for the initial weights and then the batches
-        _TRAINED[key] = fit(build_model(spec), steps, seed=None).state_dict()
+        def train(path: Path) -> None:
+            torch.manual_seed(seed)  # one stream for the initial weights and then the batches
+            state = fit(build_model(spec), steps, seed=None).state_dict()
+            torch.save(state, f"{path}.partial")
+            Path(f"{path}.partial").replace(path)
+
+        name = f"briefly-{hashlib.sha256(key.encode()).hexdigest()[:16]}.pt"
+        _TRAINED[key] = torch.load(made_once_per_run(name, train), weights_only=True)
     model = build_model(spec)
     model.load_state_dict(copy.deepcopy(_TRAINED[key]))
     return model.eval()

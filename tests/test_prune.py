@@ -5,9 +5,9 @@ import os
 import pytest
 import torch
 
-from wattflow.compress.prune import cubic_sparsity, fine_tune, prune_checkpoint, weight_sparsity
+from wattflow.compress.prune import cubic_sparsity, prune_checkpoint, weight_sparsity
 from wattflow.data import load_splits
-from wattflow.models import build_model, default_spec, load_checkpoint, save_checkpoint
+from wattflow.models import load_checkpoint
 
 
 def accuracy(model, split) -> float:
@@ -19,21 +19,6 @@ def params(model) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    """One CNN and one MLP (default specs), 15 epochs of plain single-process SGD: (path, sha256) by kind."""
-    out, splits = {}, load_splits()
-    for kind in ("cnn", "mlp"):
-        torch.manual_seed(0)
-        spec = default_spec(kind)
-        model = build_model(spec)
-        fine_tune(model, splits.train, epochs=15, lr=0.05, batch_size=32, seed=0)
-        assert accuracy(model, splits.test) > 0.95
-        path = tmp_path_factory.mktemp(kind) / "model.pt"
-        out[kind] = (path, save_checkpoint(path, model, spec))
-    return out
-
-
 def test_cubic_schedule_ends_on_target_and_prunes_early_rounds_hardest():
     points = [cubic_sparsity(0.8, t, 3) for t in range(4)]
     assert points[0] == 0 and points[-1] == pytest.approx(0.8)
@@ -41,8 +26,8 @@ def test_cubic_schedule_ends_on_target_and_prunes_early_rounds_hardest():
     assert steps[0] > steps[1] > steps[2] > 0
 
 
-def test_gradual_unstructured_reaches_target_with_plain_weights(trained, tmp_path):
-    path, sha = trained["cnn"]
+def test_gradual_unstructured_reaches_target_with_plain_weights(sgd_trained, tmp_path):
+    path, sha = sgd_trained["cnn"]
     splits = load_splits()
     out = prune_checkpoint(path, tmp_path / "p.pt", 0.8, splits.train, 3, 0.01, expected_sha256=sha,
                            schedule_steps=3)
@@ -61,8 +46,8 @@ def test_gradual_unstructured_reaches_target_with_plain_weights(trained, tmp_pat
     assert accuracy(model, splits.test) > 0.9
 
 
-def test_keep_names_the_layers_never_pruned(trained, tmp_path):
-    path, _ = trained["cnn"]
+def test_keep_names_the_layers_never_pruned(sgd_trained, tmp_path):
+    path, _ = sgd_trained["cnn"]
     everything = prune_checkpoint(path, tmp_path / "a.pt", 0.5, load_splits().train, 0, 0.01, keep=())
     assert "head.3.weight" in everything.layer_sparsity
     spared = prune_checkpoint(path, tmp_path / "b.pt", 0.5, load_splits().train, 0, 0.01, keep=("features.0",))
@@ -71,8 +56,8 @@ def test_keep_names_the_layers_never_pruned(trained, tmp_path):
         prune_checkpoint(path, tmp_path / "c.pt", 0.5, load_splits().train, 0, 0.01, keep=("nope",))
 
 
-def test_unstructured_prunes_only_the_selected_layer_types(trained, tmp_path):
-    path, _ = trained["cnn"]
+def test_unstructured_prunes_only_the_selected_layer_types(sgd_trained, tmp_path):
+    path, _ = sgd_trained["cnn"]
     out = prune_checkpoint(path, tmp_path / "p.pt", 0.7, load_splits().train, 1, 0.01, method="unstructured",
                            schedule_steps=2, layer_types=("linear",))
     assert set(out.layer_sparsity) == {"head.1.weight"}  # head.3, the classifier, is kept
@@ -84,8 +69,8 @@ def test_unstructured_prunes_only_the_selected_layer_types(trained, tmp_path):
 @pytest.mark.parametrize("kind, widths", [("mlp", {"net.0": (128, 64), "net.2": (64, 32)}),
                                           ("cnn", {"features.0": (16, 8), "features.2": (32, 16),
                                                    "head.1": (64, 32)})])
-def test_structured_removes_neurons_and_shrinks_model_and_file(trained, tmp_path, kind, widths):
-    path, sha = trained[kind]
+def test_structured_removes_neurons_and_shrinks_model_and_file(sgd_trained, tmp_path, kind, widths):
+    path, sha = sgd_trained[kind]
     splits = load_splits()
     out = prune_checkpoint(path, tmp_path / "s.pt", 0.5, splits.train, 3, 0.01, expected_sha256=sha,
                            method="structured", schedule_steps=2)
@@ -104,8 +89,8 @@ def test_structured_removes_neurons_and_shrinks_model_and_file(trained, tmp_path
     assert accuracy(model, splits.test) > 0.85
 
 
-def test_structured_layer_types_and_an_extreme_ratio_keep_the_model_valid(trained, tmp_path):
-    path, _ = trained["cnn"]
+def test_structured_layer_types_and_an_extreme_ratio_keep_the_model_valid(sgd_trained, tmp_path):
+    path, _ = sgd_trained["cnn"]
     train = load_splits().train
     convs_only = prune_checkpoint(path, tmp_path / "c.pt", 0.5, train, 0, 0.01, method="structured",
                                   layer_types=("conv",))
@@ -116,8 +101,8 @@ def test_structured_layer_types_and_an_extreme_ratio_keep_the_model_valid(traine
     assert load_checkpoint(extreme.checkpoint)[0](torch.zeros(2, 64)).shape == (2, 10)
 
 
-def test_bad_requests_are_refused(trained, tmp_path):
-    path, _ = trained["mlp"]
+def test_bad_requests_are_refused(sgd_trained, tmp_path):
+    path, _ = sgd_trained["mlp"]
     train = load_splits().train
     with pytest.raises(ValueError, match="unknown pruning method"):
         prune_checkpoint(path, tmp_path / "x.pt", 0.5, train, 0, 0.01, method="random")
