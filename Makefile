@@ -97,7 +97,7 @@ test: setup state
 	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadgroup
 
 test-fast: setup state
-	$(PY) -m pytest -n $(TEST_WORKERS) -m "not integration" -q
+	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadgroup -m "not integration" -q --hypothesis-profile=fast
 
 lint: setup
 	$(VENV)/bin/ruff check wattflow flows tasks tests bench examples

@@ -1,18 +1,13 @@
 """Hermetic settings for every test: no analytics or telemetry, and no user state touched."""
 
 import os
-import shutil
 from pathlib import Path
 
-import helpers
-import mlflow
+import per_run
 import pytest
-import torch
-from helpers import made_once_per_run, train_briefly
-from mlflow.tracking import MlflowClient
+from hypothesis import settings
+from per_run import made_once_per_run, mlflow_store, mlflow_template
 from servers import deployed_stack, migrated_prefect_db, prefect_server_process
-
-from wattflow.models import build_model, default_spec, save_checkpoint, sha256_file
 
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("DO_NOT_TRACK", "true")
@@ -20,21 +15,28 @@ os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
 # One compute thread per test process (and its subprocesses): `make test` runs two pytest-xdist workers on 2
 # cores, and two threads per worker spin against each other (one test took 168 s instead of 21 s).
+# Set here, before any test module imports torch; pytest's main process (pytest-xdist's controller) imports
+# nothing heavy from here, so the workers start sooner.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
-torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+# `make test-fast` (the inner loop) runs each property on a quarter of its examples: helpers.examples.
+settings.register_profile("fast", max_examples=25)
 
 
 @pytest.fixture(scope="session", autouse=True)
 def run_dir(tmp_path_factory) -> Path:
     """The run's temporary root, which pytest-xdist's workers share: what is made once per run lives there."""
     root = tmp_path_factory.getbasetemp()
-    helpers.RUN_DIR = root.parent if os.environ.get("PYTEST_XDIST_WORKER") else root
-    return helpers.RUN_DIR
+    per_run.RUN_DIR = root.parent if os.environ.get("PYTEST_XDIST_WORKER") else root
+    return per_run.RUN_DIR
 
 
 @pytest.fixture(scope="session")
 def checkpoints():
     """kind -> fp32 checkpoint path of a briefly trained CNN and MLP (made once per run: tests only read them)."""
+    from helpers import train_briefly
+
+    from wattflow.models import default_spec, save_checkpoint
+
     return {kind: made_once_per_run(f"briefly-{kind}.pt", lambda path, kind=kind: save_checkpoint(
         path, train_briefly(kind), default_spec(kind))) for kind in ("cnn", "mlp")}
 
@@ -43,8 +45,11 @@ def checkpoints():
 def sgd_trained():
     """kind -> (path, sha256) of a CNN and an MLP (default specs) after 15 epochs of plain single-process SGD:
     > 95 % test accuracy. Made once per run; tests only read them."""
+    import torch
+
     from wattflow.compress.prune import fine_tune
     from wattflow.data import load_splits
+    from wattflow.models import build_model, default_spec, save_checkpoint, sha256_file
 
     def train(path: Path, kind: str) -> None:
         splits = load_splits()
@@ -98,17 +103,16 @@ def stack(tmp_path_factory, prefect_api, mlflow_db):
 
 
 @pytest.fixture(scope="session")
-def mlflow_db():
-    """An MLflow SQLite store created once per run (its migrations take ~1.5 s); each test gets a copy."""
-    return made_once_per_run("mlflow.db",
-                             lambda path: MlflowClient(f"sqlite:///{path}").search_experiments())
+def mlflow_db() -> Path:
+    return mlflow_template()
 
 
 @pytest.fixture
-def mlflow_uri(tmp_path, monkeypatch, mlflow_db):
+def mlflow_uri(tmp_path, monkeypatch):
     """A fresh SQLite MLflow store for the test, as MLFLOW_TRACKING_URI and the process's tracking URI."""
-    shutil.copyfile(mlflow_db, tmp_path / "mlflow.db")
-    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    import mlflow
+
+    uri = mlflow_store(tmp_path)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     previous = mlflow.get_tracking_uri()
     mlflow.set_tracking_uri(uri)

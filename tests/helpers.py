@@ -1,15 +1,14 @@
-"""Shared test helpers: a model trained just enough to make accuracies meaningful, made once per test run."""
+"""Shared test helpers: a model trained just enough to make accuracies meaningful, trained once per test run."""
 
 from __future__ import annotations
 
 import copy
 import hashlib
 import json
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from filelock import FileLock
+from per_run import made_once_per_run
 from torch import nn
 
 from wattflow.data import load_splits
@@ -32,19 +31,6 @@ def fit(model: nn.Module, steps: int = 400, lr: float = 3e-3, seed: int | None =
         loss.backward()
         opt.step()
     return model.eval()
-
-
-RUN_DIR: Path | None = None  # the directory a run's pytest-xdist workers share (set by conftest.py)
-
-
-def made_once_per_run(name: str, make: Callable[[Path], object]) -> Path:
-    """`make(path)` once per test run, shared by pytest-xdist's workers; `make` writes `path` whole or not at all."""
-    path = RUN_DIR / "templates" / name
-    path.parent.mkdir(exist_ok=True)
-    with FileLock(f"{path}.lock"):
-        if not path.exists():
-            make(path)
-    return path
 
 
 _TRAINED: dict[str, dict] = {}  # this worker's copies of the run's trainings

@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 from helpers import train_briefly
 from mlflow.tracking import MlflowClient
+from per_run import mlflow_store
 
 from wattflow.compress.quantize import quantize_checkpoint
 from wattflow.data import load_splits
@@ -45,7 +46,7 @@ def summary_row(variant: StageResult, accuracy: float, energy: float, deploy_byt
 def logged(tmp_path_factory):
     """A parent run with two child runs: the trained MLP (torch) and its static int8 ONNX variant."""
     root = tmp_path_factory.mktemp("registry")
-    tracker = Tracker(f"sqlite:///{root}/mlflow.db")
+    tracker = Tracker(mlflow_store(root))
     splits = load_splits()
     ckpt = root / "mlp.pt"
     save_checkpoint(ckpt, train_briefly("mlp"), default_spec("mlp"))

@@ -3,6 +3,7 @@ import os
 import mlflow
 import pytest
 from mlflow.tracking import MlflowClient
+from per_run import mlflow_store
 
 from wattflow.config import EnergyConfig
 from wattflow.energy import DeviceEnergy, EnergyResult
@@ -46,7 +47,7 @@ def test_variant_figures_log_known_values_as_metrics_and_labels_as_tags():
 
 @pytest.fixture
 def tracker(tmp_path):
-    return Tracker(f"sqlite:///{tmp_path}/mlflow.db")
+    return Tracker(mlflow_store(tmp_path))
 
 
 def test_a_stage_that_raises_leaves_its_run_failed_with_the_error(tracker):
@@ -67,13 +68,13 @@ def test_a_stage_that_raises_leaves_its_run_failed_with_the_error(tracker):
 def test_a_tracker_changes_no_process_wide_state(tmp_path, monkeypatch):
     monkeypatch.delenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", raising=False)
     before = mlflow.get_tracking_uri()
-    for uri in (f"sqlite:///{tmp_path}/other.db", "http://127.0.0.1:9"):
+    for uri in (mlflow_store(tmp_path, "other.db"), "http://127.0.0.1:9"):
         Tracker(uri, journal_dir=tmp_path / "run")
     assert mlflow.get_tracking_uri() == before and "MLFLOW_HTTP_REQUEST_MAX_RETRIES" not in os.environ
 
 
 def test_a_model_logged_through_a_tracker_goes_to_its_store_not_the_process_default(tmp_path, checkpoints):
-    tracker = Tracker(f"sqlite:///{tmp_path}/mine.db")
+    tracker = Tracker(mlflow_store(tmp_path, "mine.db"))
     before = mlflow.get_tracking_uri()
     run = tracker.start_run(tracker.experiment_id("t"), "r")
     tracker.log_model(run, str(checkpoints["mlp"]), "torch")
@@ -103,7 +104,7 @@ def test_a_refused_write_raises_and_is_not_mistaken_for_an_outage(tmp_path):
 
     from wattflow.sync import sync
 
-    tracker = Tracker(f"sqlite:///{tmp_path}/mlflow.db", journal_dir=tmp_path / "run")
+    tracker = Tracker(mlflow_store(tmp_path), journal_dir=tmp_path / "run")
     run = tracker.start_run(tracker.experiment_id("t"), "r", params={"a": 1})
     with pytest.raises(MlflowException):
         tracker.log_params(run, {"a": 2})
@@ -116,4 +117,4 @@ def test_an_offline_run_id_needs_the_journal_that_holds_it(tmp_path):
     from wattflow.tracking import OfflineRunError
 
     with pytest.raises(OfflineRunError, match="same journal_dir"):
-        Tracker(f"sqlite:///{tmp_path}/mlflow.db").set_tag("offline-0123", "k", "v")
+        Tracker(mlflow_store(tmp_path)).set_tag("offline-0123", "k", "v")

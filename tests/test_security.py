@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 from mlflow.tracking import MlflowClient
+from per_run import mlflow_store
 
 from wattflow.config import EnergyConfig, parse_config
 from wattflow.energy import DeviceEnergy, EnergyResult
@@ -119,7 +120,7 @@ def test_secrets_never_reach_mlflow_params_tags_artifacts_or_the_journal(tmp_pat
     checkpoint = tmp_path / "run" / "train" / "model.pt"
     save_checkpoint(checkpoint, build_model(spec), spec)
 
-    tracker = Tracker(f"sqlite:///{tmp_path}/mlflow.db", journal_dir=tmp_path / "run")
+    tracker = Tracker(mlflow_store(tmp_path), journal_dir=tmp_path / "run")
     experiment = tracker.experiment_id("secrets")
     with tracker.run(experiment, "pipeline", tags={STAGE_TAG: "pipeline", "source": os.environ["DATABASE_URL"]},
                      params=cfg.model_dump()) as parent:

@@ -1,6 +1,7 @@
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from per_run import examples
 from pydantic import ValidationError
 
 from wattflow.config import PipelineConfig
@@ -46,7 +47,7 @@ def tables(draw, min_variants=0):
 budgets = st.sampled_from([0.0, 0.5, 1.0, 3.0, 10.0])
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=examples(300), deadline=None)
 @given(tables(), budgets)
 def test_champion_is_on_the_front_and_within_budget_or_the_baseline(rows, budget):
     sel = select_champion(rows, budget)
@@ -62,7 +63,7 @@ def test_champion_is_on_the_front_and_within_budget_or_the_baseline(rows, budget
     assert sel.reason
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=examples(300), deadline=None)
 @given(tables(min_variants=1), budgets, st.data())
 def test_adding_a_dominated_variant_never_changes_the_champion(rows, budget, data):
     before = select_champion(rows, budget)
@@ -83,7 +84,7 @@ def test_adding_a_dominated_variant_never_changes_the_champion(rows, budget, dat
     assert after.champion == before.champion and after.front == before.front
 
 
-@settings(max_examples=200, deadline=None)
+@settings(max_examples=examples(200), deadline=None)
 @given(tables(), st.data())
 def test_with_nothing_in_budget_the_baseline_wins(rows, data):
     base = rows[0]["accuracy"]
@@ -214,7 +215,7 @@ def bounds(r: dict) -> tuple[float, float]:
     return r.get("energy_per_1k_inferences_j_lo", e), r.get("energy_per_1k_inferences_j_hi", e)
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=examples(300), deadline=None)
 @given(noisy_tables(), budgets)
 def test_a_champion_is_never_beaten_beyond_noise_by_an_in_budget_variant(rows, budget):
     sel = select_champion(rows, budget)
@@ -226,7 +227,7 @@ def test_a_champion_is_never_beaten_beyond_noise_by_an_in_budget_variant(rows, b
             assert not bounds(r)[1] < bounds(champ)[0], (r["variant"], sel.reason)
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=examples(300), deadline=None)
 @given(noisy_tables(), budgets, st.data())
 def test_a_variant_tied_on_every_axis_changes_the_champion_only_when_the_tie_break_prefers_it(rows, budget, data):
     before = select_champion(rows, budget)

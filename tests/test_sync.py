@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 from mlflow.tracking import MlflowClient
+from per_run import mlflow_store
 from servers import free_port, start_mlflow_server
 
 from wattflow.config import EnergyConfig
@@ -144,7 +145,7 @@ def test_writes_during_an_outage_are_synced_once_into_the_right_runs(tmp_path, c
 def test_a_write_that_reached_mlflow_before_its_ack_is_not_duplicated(tmp_path):
     """A crash between MLflow taking a write and the journal's ack: sync finds the run by its key and the
     metric point by its timestamp, and adds nothing."""
-    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    uri = mlflow_store(tmp_path)
     tracker = Tracker(uri, journal_dir=tmp_path / "run")
     run = tracker.start_run(tracker.experiment_id("crash"), "train")
     tracker.log_metrics(run, {"accuracy": 0.9})
