@@ -55,7 +55,7 @@ help:
 	@echo "make run-flow [CONFIG=recipe.yaml]  run the whole pipeline here (sets up .venv first)"
 	@echo "make example-data                   write examples/bring-your-own/images (RGB digits, no download)"
 	@echo "make test                           run the test suite"
-	@echo "make test-fast                      the unit tests only: no torchrun ranks, no servers, no flows"
+	@echo "make test-fast                      the inner loop: no torchrun ranks, servers, flows or multi-model claims"
 	@echo "make lint                           ruff"
 	@echo "make bench [BENCH=quick]            benchmarks -> bench/results/*.json + SUMMARY.md"
 	@echo "make gpu-check                      on an NVIDIA GPU: counter vs power-integral energy"
@@ -97,7 +97,7 @@ test: setup state
 	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadgroup
 
 test-fast: setup state
-	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadgroup -m "not integration" -q --hypothesis-profile=fast
+	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadgroup -m "not integration and not claim" -q --hypothesis-profile=fast
 
 lint: setup
 	$(VENV)/bin/ruff check wattflow flows tasks tests bench examples

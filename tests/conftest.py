@@ -31,20 +31,16 @@ def run_dir(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def checkpoints():
-    """kind -> fp32 checkpoint path of a briefly trained CNN and MLP (made once per run: tests only read them)."""
-    from helpers import train_briefly
-
-    from wattflow.models import default_spec, save_checkpoint
-
-    return {kind: made_once_per_run(f"briefly-{kind}.pt", lambda path, kind=kind: save_checkpoint(
-        path, train_briefly(kind), default_spec(kind))) for kind in ("cnn", "mlp")}
+def checkpoints(sgd_trained):
+    """kind -> fp32 checkpoint path of the run's trained CNN and MLP (tests only read them)."""
+    return {kind: path for kind, (path, _) in sgd_trained.items()}
 
 
 @pytest.fixture(scope="session")
 def sgd_trained():
     """kind -> (path, sha256) of a CNN and an MLP (default specs) after 15 epochs of plain single-process SGD:
-    > 95 % test accuracy. Made once per run; tests only read them."""
+    > 95 % test accuracy. Made once per run and shared by every test that needs a trained model; tests only
+    read them."""
     import torch
 
     from wattflow.compress.prune import fine_tune

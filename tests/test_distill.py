@@ -44,6 +44,7 @@ def test_distillation_loss_matches_a_hand_computation():
     assert distillation_loss(args[0], None, args[2], 2.0, 0.0).item() == pytest.approx(ce, rel=1e-6)
 
 
+@pytest.mark.claim  # six 30-epoch students
 def test_distilled_student_beats_the_same_student_trained_from_scratch(teacher, tmp_path):
     """Default DistillConfig (MLP [64, 32], 30 epochs, T=4, alpha=0.7) against alpha=0, which is the same
     student trained on the labels alone: same spec, epochs, schedule and seed. On these 270 validation

@@ -1,7 +1,6 @@
 import numpy as np
 import pytest
 import torch
-from helpers import train_briefly
 from torch import nn
 
 from wattflow.compress.quantize import export_onnx, quantize_checkpoint
@@ -30,10 +29,10 @@ def zero_smallest_half(model: nn.Module) -> nn.Module:
 
 
 @pytest.fixture(scope="module")
-def cnn(tmp_path_factory):
+def cnn(tmp_path_factory, sgd_trained):
     """Paths of one trained CNN as an fp32 checkpoint, a half-sparse checkpoint and its int8 ONNX files."""
     root = tmp_path_factory.mktemp("eval")
-    model = train_briefly("cnn")
+    model = load_checkpoint_model(sgd_trained["cnn"][0])[0]
     paths = {"dense": root / "dense.pt", "sparse": root / "sparse.pt", "onnx": root / "dense.onnx"}
     save_checkpoint(paths["dense"], model, default_spec("cnn"))
     export_onnx(model, paths["onnx"], 64)

@@ -7,7 +7,7 @@ import pickle
 import numpy as np
 import pytest
 import torch
-from helpers import fit
+from helpers import fit, train_briefly
 from torch import nn
 from torch.nn.utils import prune
 
@@ -43,7 +43,7 @@ test_accuracy.__test__ = False  # a helper, not a test
 def ckpts(tmp_path_factory) -> dict[str, str]:
     """name -> checkpoint path: a briefly trained LeNet-300-100 and its variants."""
     root = tmp_path_factory.mktemp("pack")
-    dense = fit(build_model(LENET), 400, lr=3e-3)
+    dense = train_briefly(LENET)  # the LeNet test_weights.py uses: trained once per run
     paths = {"fp32": str(root / "fp32.pt"), "zeroed90": str(root / "zeroed90.pt"),
              "pruned95": str(root / "pruned95.pt")}
     save_checkpoint(paths["fp32"], dense, LENET, {"origin": "test"})

@@ -1,9 +1,10 @@
 """The registry against a real MLflow SQLite store: a torch and an ONNX variant logged on child runs, as the
 flow logs them, then registered and loaded back by alias."""
 
+import shutil
+
 import numpy as np
 import pytest
-from helpers import train_briefly
 from mlflow.tracking import MlflowClient
 from per_run import mlflow_store
 
@@ -43,13 +44,13 @@ def summary_row(variant: StageResult, accuracy: float, energy: float, deploy_byt
 
 
 @pytest.fixture(scope="module")
-def logged(tmp_path_factory):
+def logged(tmp_path_factory, checkpoints):
     """A parent run with two child runs: the trained MLP (torch) and its static int8 ONNX variant."""
     root = tmp_path_factory.mktemp("registry")
     tracker = Tracker(mlflow_store(root))
     splits = load_splits()
     ckpt = root / "mlp.pt"
-    save_checkpoint(ckpt, train_briefly("mlp"), default_spec("mlp"))
+    shutil.copyfile(checkpoints["mlp"], ckpt)
     onnx = quantize_checkpoint(ckpt, "onnx-int8-static", root, splits.train.x[:256])
     exp = tracker.experiment_id("registry-test")
     parent = tracker.start_run(exp, "pipeline", tags={STAGE_TAG: "pipeline"})
