@@ -24,9 +24,11 @@ pytestmark = pytest.mark.integration
 
 
 def quick_config(tmp_path, epochs: int = 2) -> PipelineConfig:
+    """One torchrun rank: these tests are about a flow run's files, caching and resumption; 2-rank DDP has its
+    own (test_train_prune, test_elastic, test_multinode, and the contract in test_pipeline_integration)."""
     return PipelineConfig.model_validate({
         "work_dir": str(tmp_path / "artifacts"),
-        "train": {"model": "mlp", "epochs": epochs, "lr": 0.1, "cpu_ranks": 2},
+        "train": {"model": "mlp", "epochs": epochs, "lr": 0.1, "cpu_ranks": 1},
         "chains": ["prune:0.5"],
         "prune": {"fine_tune_epochs": 1, "schedule_steps": 1},
         "eval": {"batch_sizes": [256], "repeats": 1, "warmup": 1, "energy_inferences": 256,
