@@ -20,7 +20,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -123,31 +123,37 @@ def prefect_server_process(root: Path, db_template: Path) -> Iterator[PrefectSer
         stop(proc)
 
 
-def start_mlflow_server(root: Path, port: int, db_template: Path | None = None) -> subprocess.Popen:
+def start_mlflow_server(root: Path, port: int, db_template: Path | None = None, wait: bool = True
+                        ) -> subprocess.Popen:
     """An MLflow tracking server (one worker, artifacts proxied into `root`/mlartifacts) on loopback `port`, its
-    store `root`/mlflow.db (a copy of `db_template` when there is none yet); returns once /health answers."""
+    store `root`/mlflow.db (a copy of `db_template` when there is none yet); returns once /health answers, or at once
+    with wait=False (then `wait_healthy` before using it)."""
     root.mkdir(parents=True, exist_ok=True)
     if db_template is not None and not (root / "mlflow.db").exists():
         shutil.copyfile(db_template, root / "mlflow.db")
-    log_path = root / "server.log"
     env = {**os.environ, **HEADLESS, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}  # 5 job workers: CPU
     proc = start([str(BIN / "mlflow"), "server", "--backend-store-uri", f"sqlite:///{root}/mlflow.db",
                   "--artifacts-destination", str(root / "mlartifacts"), "--host", "127.0.0.1", "--port", str(port),
-                  "--workers", "1"], env, log_path)
-    try:
-        wait_healthy(f"http://127.0.0.1:{port}/health", proc, log_path)
-    except BaseException:
-        stop(proc)
-        raise
+                  "--workers", "1"], env, root / "server.log")
+    if wait:
+        try:
+            wait_healthy(f"http://127.0.0.1:{port}/health", proc, root / "server.log")
+        except BaseException:
+            stop(proc)
+            raise
     return proc
 
 
 @contextmanager
-def mlflow_server(root: Path, db_template: Path | None = None) -> Iterator[str]:
-    """`start_mlflow_server` on a free port, stopped on exit; yields its URI."""
+def mlflow_server(root: Path, db_template: Path | None = None, before_ready: Callable[[], None] = lambda: None
+                  ) -> Iterator[str]:
+    """`start_mlflow_server` on a free port, stopped on exit; yields its URI. `before_ready` runs while the server
+    starts (its start-up is mostly waiting on imports: other set-up can use that time)."""
     port = free_port()
-    proc = start_mlflow_server(root, port, db_template)
+    proc = start_mlflow_server(root, port, db_template, wait=False)
     try:
+        before_ready()
+        wait_healthy(f"http://127.0.0.1:{port}/health", proc, root / "server.log")
         yield f"http://127.0.0.1:{port}"
     finally:
         stop(proc)
@@ -214,9 +220,11 @@ def deployed_stack(root: Path, prefect: PrefectServer, pool: str = "test-gpu", n
                    mlflow_db: Path | None = None) -> Iterator[Stack]:
     """An MLflow server beside the Prefect server `prefect`, the process pool `pool`, and the deployments `names`
     (default: all) of deployments/prefect.yaml, created with the CLI commands `make deploy` runs."""
-    with mlflow_server(root / "mlflow", mlflow_db) as mlflow_uri:
+    def pool_and_deployments() -> None:
         prefect_cli(["work-pool", "create", pool, "--type", "process"], prefect.env)
         which = ["--all"] if names is None else [a for name in names for a in ("--name", name)]
         prefect_cli(["deploy", *which, "--prefect-file", "deployments/prefect.yaml"],
                     {**prefect.env, "WATTFLOW_POOL": pool})
+
+    with mlflow_server(root / "mlflow", mlflow_db, before_ready=pool_and_deployments) as mlflow_uri:
         yield Stack(prefect, mlflow_uri, pool, root)
