@@ -30,6 +30,16 @@ def run_dir(tmp_path_factory) -> Path:
     return per_run.RUN_DIR
 
 
+@pytest.fixture(scope="session", autouse=True)
+def own_slot_dir(tmp_path_factory) -> Path:
+    """Measured-stage slots are host-wide lock files (tasks/concurrency.py): each pytest-xdist worker, with what it
+    starts, gets its own directory, so that no test takes a slot from a wattflow run outside the suite, and the two
+    workers' flows do not queue for each other's measured stages (here every figure is the CPU time of the
+    stage's own process tree, which the other worker does not change)."""
+    os.environ["WATTFLOW_SLOT_DIR"] = str(tmp_path_factory.mktemp("slots"))
+    return Path(os.environ["WATTFLOW_SLOT_DIR"])
+
+
 @pytest.fixture(scope="session")
 def checkpoints(sgd_trained):
     """kind -> fp32 checkpoint path of the run's trained CNN and MLP (tests only read them)."""
