@@ -1,5 +1,6 @@
 """`make bench` (BENCH=quick for a shorter run): runs each benchmark, which writes its own
-bench/results/<name>.json; then writes bench/results/SUMMARY.md and prints the table.
+bench/results/<name>.json; then writes bench/results/SUMMARY.md (with --only ROW: SUMMARY-ROW.md, leaving the full
+run's summary alone) and prints the table.
 
 Every figure is a ratio or a median measured in this one run: these machines are shared and noisy.
 """
@@ -45,7 +46,9 @@ def main() -> None:
     summary = []
     for name in args.only or BENCHES:
         summary += BENCHES[name](args.quick, RESULTS)
-    (RESULTS / "machine.json").write_text(json.dumps({**host, "when": when, "quick": args.quick}, indent=2))
+    # --only re-runs some rows: their table goes beside the full run's SUMMARY.md, which keeps its rows and date.
+    tag = f"-{'-'.join(args.only)}" if args.only else ""
+    (RESULTS / f"machine{tag}.json").write_text(json.dumps({**host, "when": when, "quick": args.quick}, indent=2))
     table = Table(title=f"wattflow bench ({'quick' if args.quick else 'full'}), {when}")
     lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
     for col in COLUMNS:
@@ -56,7 +59,7 @@ def main() -> None:
         lines.append("| " + " | ".join(cells) + " |")
     lines.append(f"\n{host['cpu_model']}, {host['cores']} cores; torch {host['torch']}, prefect "
                  f"{host['prefect']}, mlflow {host['mlflow']}; {when}{' (quick)' if args.quick else ''}.")
-    (RESULTS / "SUMMARY.md").write_text("\n".join(lines) + "\n")
+    (RESULTS / f"SUMMARY{tag}.md").write_text("\n".join(lines) + "\n")
     Console(width=max(Console().width, 140)).print(table)
 
 
