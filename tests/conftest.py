@@ -18,7 +18,7 @@ os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
 # Set here, before any test module imports torch; pytest's main process (pytest-xdist's controller) imports
 # nothing heavy from here, so the workers start sooner.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
-# `make test-fast` (the inner loop) runs each property on a quarter of its examples: helpers.examples.
+# `make test-fast` (the inner loop) runs each property on a quarter of its examples: per_run.examples.
 settings.register_profile("fast", max_examples=25)
 
 
@@ -52,6 +52,7 @@ def sgd_trained():
     > 95 % test accuracy. Made once per run and shared by every test that needs a trained model; tests only
     read them."""
     import torch
+    from helpers import model_accuracy
 
     from wattflow.compress.prune import fine_tune
     from wattflow.data import load_splits
@@ -62,8 +63,7 @@ def sgd_trained():
         torch.manual_seed(0)
         model = build_model(default_spec(kind))
         fine_tune(model, splits.train, epochs=15, lr=0.05, batch_size=32, seed=0)
-        with torch.inference_mode():
-            assert (model.eval()(torch.from_numpy(splits.test.x)).argmax(1).numpy() == splits.test.y).mean() > 0.95
+        assert model_accuracy(model, splits.test) > 0.95
         save_checkpoint(path, model, default_spec(kind))
 
     paths = {kind: made_once_per_run(f"sgd-{kind}.pt", lambda path, kind=kind: train(path, kind))

@@ -12,7 +12,7 @@ from per_run import made_once_per_run
 from torch import nn
 
 from wattflow.data import load_splits
-from wattflow.models import build_model, default_spec
+from wattflow.models import atomic_write, build_model, default_spec
 
 
 def fit(model: nn.Module, steps: int = 400, lr: float = 3e-3, seed: int | None = 0) -> nn.Module:
@@ -33,6 +33,12 @@ def fit(model: nn.Module, steps: int = 400, lr: float = 3e-3, seed: int | None =
     return model.eval()
 
 
+def model_accuracy(model: nn.Module, split) -> float:
+    """Top-1 accuracy of a torch model on an in-memory split, in one batch."""
+    with torch.inference_mode():
+        return float((model.eval()(torch.from_numpy(split.x)).argmax(1).numpy() == split.y).mean())
+
+
 _TRAINED: dict[str, dict] = {}  # this worker's copies of the run's trainings
 
 
@@ -45,8 +51,7 @@ def train_briefly(kind_or_spec: str | dict, steps: int = 400, seed: int = 0) -> 
         def train(path: Path) -> None:
             torch.manual_seed(seed)  # one stream for the initial weights and then the batches
             state = fit(build_model(spec), steps, seed=None).state_dict()
-            torch.save(state, f"{path}.partial")
-            Path(f"{path}.partial").replace(path)
+            atomic_write(path, lambda tmp: torch.save(state, tmp))
 
         name = f"briefly-{hashlib.sha256(key.encode()).hexdigest()[:16]}.pt"
         _TRAINED[key] = torch.load(made_once_per_run(name, train), weights_only=True)

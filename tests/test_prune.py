@@ -4,15 +4,11 @@ import os
 
 import pytest
 import torch
+from helpers import model_accuracy
 
 from wattflow.compress.prune import cubic_sparsity, prune_checkpoint, weight_sparsity
 from wattflow.data import load_splits
 from wattflow.models import load_checkpoint
-
-
-def accuracy(model, split) -> float:
-    with torch.inference_mode():
-        return (model(torch.from_numpy(split.x)).argmax(1).numpy() == split.y).mean()
 
 
 def params(model) -> int:
@@ -43,7 +39,7 @@ def test_gradual_unstructured_reaches_target_with_plain_weights(sgd_trained, tmp
     assert out.params_after == out.params_before == params(model)
     assert out.nonzero_params == sum(int((p != 0).sum()) for p in model.parameters())
     assert os.path.getsize(out.checkpoint) >= os.path.getsize(path)
-    assert accuracy(model, splits.test) > 0.9
+    assert model_accuracy(model, splits.test) > 0.9
 
 
 def test_keep_names_the_layers_never_pruned(sgd_trained, tmp_path):
@@ -86,7 +82,7 @@ def test_structured_removes_neurons_and_shrinks_model_and_file(sgd_trained, tmp_
     file_ratio = os.path.getsize(out.checkpoint) / os.path.getsize(path)
     assert file_ratio == pytest.approx(out.params_after / out.params_before, abs=0.03)
     assert model(torch.from_numpy(splits.test.x[:5])).shape == (5, 10)
-    assert accuracy(model, splits.test) > 0.85
+    assert model_accuracy(model, splits.test) > 0.85
 
 
 def test_structured_layer_types_and_an_extreme_ratio_keep_the_model_valid(sgd_trained, tmp_path):
