@@ -16,7 +16,7 @@ from tasks.concurrency import flow_run_slots, measured_slot, reads_host_counters
 from tasks.multinode import node_energy, stage_result, train_multinode
 from wattflow.config import PipelineConfig
 from wattflow.energy import EnergyResult, FakeNvml
-from wattflow.models import sha256_file
+from wattflow.models import load_checkpoint, sha256_file
 
 
 def tiny_config(work_dir) -> PipelineConfig:
@@ -139,12 +139,29 @@ def test_two_workers_two_nodes_one_process_group(stack, tmp_path_factory):
 
     records = [json.loads((out_dir / f"node-{i}.json").read_text()) for i in (0, 1)]
     assert [r["train"]["world_size"] for r in records] == [2, 2]   # both nodes joined one process group
+    # The rendezvous, not node_rank, decides which node holds global rank 0: exactly one does.
     assert sorted(r["train"]["holds_rank0"] for r in records) == [False, True]
     for name in ("worker-a", "worker-b"):
         assert (root / f"{name}.log").read_text().count("submitted to infrastructure") == 1, name
+    leader, follower = sorted(records, key=lambda r: not r["train"]["holds_rank0"])
+    assert follower["train"]["checkpoint"] is None and follower["train"]["metrics"] == {}
+    assert not (out_dir / f"node-{follower['node_rank']}" / "model.pt").exists()
+    ranks = {}
+    for i in (0, 1):
+        files = list((out_dir / f"node-{i}").glob("rank-*.json"))
+        assert len(files) == 1  # one rank per node, each writing into its own node's directory
+        info = json.loads(files[0].read_text())
+        ranks[info["rank"]] = info
+    assert sorted(ranks) == [0, 1] and all(r["world_size"] == 2 for r in ranks.values())
+    # DDP kept the two nodes' replicas identical, and each node counts the samples of both
+    assert ranks[0]["param_checksum"] == pytest.approx(ranks[1]["param_checksum"], rel=1e-9)
+    assert leader["train"]["samples_seen"] == follower["train"]["samples_seen"] == \
+        ranks[0]["samples_seen"] + ranks[1]["samples_seen"]
 
     assert result.params["world_size"] == 2 and result.params["nnodes"] == 2
     assert sha256_file(result.artifact.path) == result.artifact.sha256   # rank 0's checkpoint, intact
+    _, _, meta = load_checkpoint(result.artifact.path, expected_sha256=result.artifact.sha256)
+    assert meta["world_size"] == 2
     assert 0 < result.metrics["val_accuracy"] <= 1
     energy = result.energy_result
     node_j = [EnergyResult.from_dict(r["energy"]).energy_j for r in records]

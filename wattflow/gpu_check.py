@@ -140,7 +140,8 @@ def lm_scoring_load(checkpoint: str, device: str, seconds: float, variant: str) 
 
 def lm_windows(backend: NvmlBackend, device: str, tmp: str, seconds: float) -> tuple[list[dict], list[str]]:
     """The language-model windows; the second list says which could not run here and why."""
-    small = {"model_kwargs": {"n_layer": 2, "n_head": 2, "n_embd": 32}} if device != "cuda" else {}  # CPU: a try
+    small = {"model_kwargs": {"n_layer": 2, "n_head": 2, "n_embd": 32}, "cpu_ranks": 1} \
+        if device != "cuda" else {}  # CPU (a simulated GPU): a try, one rank as for one GPU
     cfg = PipelineConfig.model_validate({**LM_CONFIG, "train": {**LM_CONFIG["train"], **small}})
     out: dict = {}
     rows = measure(backend, "lm-train", lambda: out.update(ckpt=launch_training(cfg, f"{tmp}/lm", lambda _: None)))
@@ -209,7 +210,8 @@ def main(argv: list[str] | None = None) -> int:
                       "(a CPU build, or no usable driver): run the check with a CUDA build of torch[/red]")
         return 2
     device = "cuda" if torch.cuda.is_available() and not args.fake else "cpu"
-    cfg = PipelineConfig.model_validate({"train": {"epochs": 30 if device == "cuda" else 2}})
+    # cpu_ranks=1: the simulated GPU is one GPU, so its CPU stand-in is one rank, as a real GPU would get
+    cfg = PipelineConfig.model_validate({"train": {"epochs": 30 if device == "cuda" else 2, "cpu_ranks": 1}})
     rows: list[dict] = []
     with tempfile.TemporaryDirectory(prefix="wattflow-gpu-check-") as tmp:
         out: dict = {}
