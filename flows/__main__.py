@@ -5,12 +5,8 @@ import sys
 
 from flows.temporary_server import start_in_background
 
-server_ready = start_in_background()
+server = start_in_background()  # stopped when this process exits, also after an early exit (a bad recipe)
 
 from flows.pipeline import main  # noqa: E402 (after the server's start-up has begun)
 
-try:
-    code = main(server_ready=server_ready)
-finally:
-    server_ready(raise_error=False)  # also after an early exit (a bad recipe): no server process left behind
-sys.exit(code)
+sys.exit(main(server_ready=server.wait))

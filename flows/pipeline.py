@@ -33,7 +33,7 @@ from wattflow.config import ConfigError, PipelineConfig, load_config
 from wattflow.data import DataError
 from wattflow.distributed import DeviceUnavailableError, check_device
 from wattflow.energy import make_meter
-from wattflow.preflight import ServiceUnreachable, bound_mlflow_retries, preflight
+from wattflow.preflight import ServiceUnreachable, bound_mlflow_retries, configured_prefect_api_url, preflight
 from wattflow.report import rich_table, summary_rows
 from wattflow.stage_loop import run_stages
 from wattflow.tracking import STAGE_TAG, Tracker, log_energy, record_ratios
@@ -101,7 +101,7 @@ def main(argv: list[str] | None = None, server_ready: Callable[[], None] = lambd
         config = load_config(args.config)
         check_workload(config)
         check_device(config)
-        preflight(mlflow.get_tracking_uri(), os.environ.get("PREFECT_API_URL"))
+        preflight(mlflow.get_tracking_uri(), configured_prefect_api_url())
     except (ConfigError, DataError, WorkloadError, DeviceUnavailableError, ServiceUnreachable) as err:
         console.print(f"[red]{err}[/red]", highlight=False)
         return 2

@@ -1,43 +1,104 @@
-"""Prefect's temporary server, started before the flow's modules are imported, so that its start-up (a
-subprocess that imports Prefect's server, migrates the SQLite database and answers /health: ~4 s on 2 cores)
-overlaps with theirs (~5 s: torch, Prefect, MLflow) instead of following it.
+"""Prefect's temporary server for `python -m flows` (`make run-flow`) when no PREFECT_API_URL is set, started
+first thing, so that its start-up (a subprocess that imports Prefect's server, checks the SQLite database and
+answers /health: ~4 s on 2 cores) overlaps with the flow's imports (~5 s: torch, Prefect, MLflow).
 
-    wait = start_in_background()     # first thing, before importing flows.pipeline
+Prefect would start the same server itself (`SubprocessASGIServer`, at the flow's first API call), but only
+after importing its whole server application into the flow's process to do so: ~3 s of CPU on every run, for a
+command line. This runs Prefect's own command for it instead — uvicorn on `prefect.server.api.server:create_app`
+with the environment Prefect's temporary server gets (no UI, the temporary server's set of services) — and
+points this process at it through PREFECT_API_URL; the server stops when the process exits.
+
+    server = start_in_background()   # first thing, before importing flows.pipeline
     ...
-    wait()                           # before the flow's first API call; re-raises a failed start
-    wait(raise_error=False)          # before exiting, also early: a start under way completes (and is stopped
-                                     # at exit) instead of leaving a server process behind
+    server.wait()                    # before the flow's first API call; raises if the server did not start
 """
 
 from __future__ import annotations
 
-import threading
-from collections.abc import Callable
+import atexit
+import os
+import socket
+import subprocess
+import sys
+import time
+
+import httpx
+from prefect.context import refresh_global_settings_context
+from prefect.settings import PREFECT_API_URL, PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS, get_current_settings
+
+from wattflow.preflight import TEMPORARY_PREFECT_ENV
+
+# What Prefect's SubprocessASGIServer gives its server (prefect 3.9): no UI, and the temporary server's services
+EPHEMERAL_ENV = {"PREFECT_UI_ENABLED": "0", "PREFECT__SERVER_EPHEMERAL": "1", "PREFECT__SERVER_FINAL": "1"}
+PORT_IN_USE = 3  # uvicorn's exit code when the port was taken between choosing it and binding it
 
 
-def start_in_background() -> Callable[..., None]:
-    """Start the server the flow would start itself (there is no PREFECT_API_URL) in a thread. Prefect keeps one
-    such server per process, so the flow then finds it running."""
-    from prefect.settings import PREFECT_API_URL
+class TemporaryServer:
+    def __init__(self) -> None:
+        self.process: subprocess.Popen | None = None
+        self.api_url = ""
+        atexit.register(self.stop)
+        self._launch()
 
-    if PREFECT_API_URL.value():
-        return lambda raise_error=True: None
-    from prefect.server.api.server import SubprocessASGIServer
+    def _launch(self) -> None:
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        env = {**os.environ, **get_current_settings().to_environment_variables(exclude_unset=True), **EPHEMERAL_ENV}
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "uvicorn", "--factory", "prefect.server.api.server:create_app", "--host",
+             "127.0.0.1", "--port", str(port), "--log-level", "error", "--lifespan", "on"], env=env)
+        self.api_url = f"http://127.0.0.1:{port}/api"
 
-    failed: list[BaseException] = []
+    def _point_prefect_here(self) -> None:
+        os.environ["PREFECT_API_URL"] = os.environ[TEMPORARY_PREFECT_ENV] = self.api_url
+        # The server serves no UI: flow-run links point where `make prefect-ui` (`prefect server start`) shows it
+        os.environ.setdefault("PREFECT_UI_URL", "http://127.0.0.1:4200")
+        refresh_global_settings_context()  # Prefect read its settings at import: make it see the new URL
 
-    def start() -> None:
-        try:
-            SubprocessASGIServer().start()
-        except BaseException as err:  # re-raised by wait(), in the caller's thread
-            failed.append(err)
+    def wait(self, raise_error: bool = True) -> None:
+        """Until the server answers /health, then point this process's Prefect at it; raises RuntimeError (when
+        `raise_error`) if it does not start. Until then PREFECT_API_URL stays unset, as the user left it."""
+        deadline = time.monotonic() + PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS.value()
+        with httpx.Client() as client:
+            while time.monotonic() < deadline:
+                if self.process.poll() == PORT_IN_USE:
+                    self._launch()
+                elif self.process.poll() is not None:
+                    break
+                try:
+                    if client.get(f"{self.api_url}/health").status_code == 200:
+                        self._point_prefect_here()
+                        print(f"Prefect: temporary server on {self.api_url.removesuffix('/api')} for this run "
+                              "(`make prefect-ui` shows the run afterwards)", file=sys.stderr)
+                        return
+                except httpx.TransportError:
+                    pass
+                time.sleep(0.1)
+        if raise_error:
+            code = self.process.poll()
+            raise RuntimeError(f"Prefect's temporary server did not start (exit code {code}; run `make server` "
+                               "and set PREFECT_API_URL to use a running one)" if code is not None else
+                               "Prefect's temporary server did not answer /health in "
+                               f"{PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS.value()} s")
 
-    thread = threading.Thread(target=start, name="prefect-temporary-server", daemon=True)
-    thread.start()
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()  # uvicorn shuts down cleanly: its services flush what they hold
+            try:
+                self.process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
 
-    def wait(raise_error: bool = True) -> None:
-        thread.join()
-        if failed and raise_error:
-            raise failed[0]
 
-    return wait
+class RunningServer:
+    """PREFECT_API_URL is set (a running `make server`, or Prefect Cloud): nothing to start or wait for."""
+    process = None
+
+    def wait(self, raise_error: bool = True) -> None:
+        pass
+
+
+def start_in_background() -> TemporaryServer | RunningServer:
+    return TemporaryServer() if not PREFECT_API_URL.value() else RunningServer()

@@ -36,6 +36,7 @@ from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound
 
 from wattflow.energy import EnergyMeter
 from wattflow.energy.nvml import mig_parents, visible_indices
+from wattflow.preflight import configured_prefect_api_url
 
 SLOT_LIMIT = 1
 # The lease is renewed in the background while the stage runs; it only expires if this process dies.
@@ -151,7 +152,7 @@ def flow_run_slots(log: Callable[[str], None] | None = None, *, host_wide: bool 
     Prefect server on SQLite answered one that follows a task run's state changes in ~2 s (20 ms alone), so
     acquiring per stage cost the default pipeline ~10 s. Other flow runs wait for the whole block instead of
     interleaving stage by stage. Not around a multi-node training: its node runs may need this host's limits."""
-    if not os.environ.get("PREFECT_API_URL"):
+    if not configured_prefect_api_url():
         yield
         return
     names, _ = _host_slots(None, None, host_wide)
@@ -173,8 +174,9 @@ def measured_slot(log: Callable[[str], None] | None = None, *, names: list[str] 
     Always a kernel file lock per slot on this host (released if the process dies). With a Prefect server
     configured (PREFECT_API_URL in the environment: `make server`, a worker), also the Prefect global
     concurrency limit of the same name, leased to this task run, which the UI's Concurrency page shows and
-    whose lease the server expires should a holder vanish. Not with the local ephemeral server or the test
-    harness: they do not run the service that expires leases, so a killed stage would block every later run.
+    whose lease the server expires should a holder vanish. Not with the temporary server of `python -m flows`
+    (`configured_prefect_api_url`) or the test harness: they do not run the service that expires leases, so a
+    killed stage would block every later run.
     Waits for slots held by other stages (forever, or `timeout_s` for the Prefect limits, then TimeoutError).
     Do not nest it, nor hold it around code that waits for another holder of the same slots. `host_wide`: the
     stage's meter reads RAPL (`reads_host_counters`), so the host's slot is held too.
@@ -192,7 +194,7 @@ def measured_slot(log: Callable[[str], None] | None = None, *, names: list[str] 
     with ExitStack() as stack:
         # The Prefect limits before the file locks, always: whoever waits for a limit holds no lock (no cycle
         # with a flow run that holds its limits across stages, see flow_run_slots).
-        if os.environ.get("PREFECT_API_URL") and not set(names) <= _HELD.get(_flow_run_id(), frozenset()):
+        if configured_prefect_api_url() and not set(names) <= _HELD.get(_flow_run_id(), frozenset()):
             stack.enter_context(_prefect_limits(names, timeout_s))
         stack.enter_context(host_locks(names))
         if log:

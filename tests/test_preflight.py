@@ -11,7 +11,13 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from wattflow.preflight import ServiceUnreachable, mask_secrets, preflight
+from wattflow.preflight import (
+    TEMPORARY_PREFECT_ENV,
+    ServiceUnreachable,
+    configured_prefect_api_url,
+    mask_secrets,
+    preflight,
+)
 
 
 def dead_url() -> str:
@@ -91,3 +97,17 @@ def test_secrets_are_masked_in_urls_queries_and_env_values(monkeypatch):
     monkeypatch.setenv("TOKENIZERS_PARALLELISM", "false")  # not a secret: "false" must survive
     text = "postgresql://bob:pa55word@db:5432/x?sslmode=require&password=qq123 token tok-s3cr3t-value false"
     assert mask_secrets(text) == "postgresql://bob:***@db:5432/x?sslmode=require&password=*** token *** false"
+
+
+def test_the_temporary_prefect_server_is_no_configured_server(monkeypatch):
+    """`python -m flows` points PREFECT_API_URL at the temporary server it starts and names it: the measured-stage
+    slots must not lease Prefect limits there (it runs no service that expires leases), a worker's server must."""
+    monkeypatch.delenv("PREFECT_API_URL", raising=False)
+    monkeypatch.delenv(TEMPORARY_PREFECT_ENV, raising=False)
+    assert configured_prefect_api_url() is None
+    monkeypatch.setenv("PREFECT_API_URL", "http://127.0.0.1:4200/api")
+    assert configured_prefect_api_url() == "http://127.0.0.1:4200/api"
+    monkeypatch.setenv(TEMPORARY_PREFECT_ENV, "http://127.0.0.1:4200/api")
+    assert configured_prefect_api_url() is None
+    monkeypatch.setenv("PREFECT_API_URL", "http://prefect.example:4200/api")  # a worker started under that flow run
+    assert configured_prefect_api_url() == "http://prefect.example:4200/api"

@@ -31,6 +31,18 @@ _NOT_SECRET_VALUES = {"true", "false", "none", "null", "yes", "no", "on", "off"}
 MASK = "***"
 
 
+# `python -m flows` points its own process at the temporary Prefect server it starts through PREFECT_API_URL
+# (flows.temporary_server), and names that URL here too: it is no server the user configured.
+TEMPORARY_PREFECT_ENV = "WATTFLOW_TEMPORARY_PREFECT_API_URL"
+
+
+def configured_prefect_api_url() -> str | None:
+    """PREFECT_API_URL as the user set it (`make server`, a worker's environment); None when it is unset or is
+    the temporary server of `python -m flows`, which runs no service that expires concurrency leases."""
+    url = os.environ.get("PREFECT_API_URL")
+    return url if url and url != os.environ.get(TEMPORARY_PREFECT_ENV) else None
+
+
 class ServiceUnreachable(RuntimeError):
     """A tracking or orchestration endpoint that does not answer; the message names it, its URL and the fix."""
 
