@@ -56,16 +56,19 @@ class TemporaryServer:
         os.environ.setdefault("PREFECT_UI_URL", "http://127.0.0.1:4200")
         refresh_global_settings_context()  # Prefect read its settings at import: make it see the new URL
 
-    def wait(self, raise_error: bool = True) -> None:
-        """Until the server answers /health, then point this process's Prefect at it; raises RuntimeError (when
-        `raise_error`) if it does not start. Until then PREFECT_API_URL stays unset, as the user left it."""
-        deadline = time.monotonic() + PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS.value()
+    def wait(self) -> None:
+        """Until the server answers /health, then point this process's Prefect at it (until then PREFECT_API_URL
+        stays as the user left it: unset); RuntimeError if it does not start."""
+        timeout_s = PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS.value()
+        deadline = time.monotonic() + timeout_s
         with httpx.Client() as client:
             while time.monotonic() < deadline:
-                if self.process.poll() == PORT_IN_USE:
+                code = self.process.poll()
+                if code == PORT_IN_USE:
                     self._launch()
-                elif self.process.poll() is not None:
-                    break
+                elif code is not None:
+                    raise RuntimeError(f"Prefect's temporary server exited with code {code} before it answered (its "
+                                       "output is above); run `make server` and set PREFECT_API_URL to use that")
                 try:
                     if client.get(f"{self.api_url}/health").status_code == 200:
                         self._point_prefect_here()
@@ -75,12 +78,7 @@ class TemporaryServer:
                 except httpx.TransportError:
                     pass
                 time.sleep(0.1)
-        if raise_error:
-            code = self.process.poll()
-            raise RuntimeError(f"Prefect's temporary server did not start (exit code {code}; run `make server` "
-                               "and set PREFECT_API_URL to use a running one)" if code is not None else
-                               "Prefect's temporary server did not answer /health in "
-                               f"{PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS.value()} s")
+        raise RuntimeError(f"Prefect's temporary server did not answer /health in {timeout_s} s")
 
     def stop(self) -> None:
         if self.process is not None and self.process.poll() is None:
@@ -96,7 +94,7 @@ class RunningServer:
     """PREFECT_API_URL is set (a running `make server`, or Prefect Cloud): nothing to start or wait for."""
     process = None
 
-    def wait(self, raise_error: bool = True) -> None:
+    def wait(self) -> None:
         pass
 
 
