@@ -41,6 +41,7 @@ class TemporaryServer:
         self._launch()
 
     def _launch(self) -> None:
+        # wattflow.distributed.free_port does the same, but importing it imports torch (~2 s before the launch)
         with socket.socket() as sock:
             sock.bind(("127.0.0.1", 0))
             port = sock.getsockname()[1]
